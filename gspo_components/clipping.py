@@ -1,0 +1,334 @@
+"""Clipper: from ``log_ratio`` and ``advantages`` to a per-token loss and a clip indicator.
+
+Every clipper returns ``(token_loss, clipped)``, both ``[N, T]``: ``token_loss`` is the *negative*
+per-token surrogate (to be minimised; the Objective aggregates it) and ``clipped`` marks the
+tokens whose gradient the clipper removed or truncated. Advantages are ``[N]`` (broadcast over
+the row) or ``[N, T]``. Padding positions give loss 0 and ``clipped = False``.
+
+The ratio is formed as ``exp(clamp(log_ratio, -max_log_ratio, max_log_ratio))`` in float32 (or
+float64), never in the model's dtype: in bf16 the GSPO band [1 − 3e-4, 1 + 4e-4] contains only
+1.0. The clamp (default ±20, as in verl) keeps ``exp`` finite; a ratio beyond e^±20 gets no
+gradient through the clamp. Pass ``max_log_ratio=None`` to disable it.
+
+================  =====================================================================  ==========
+clipper           per-token surrogate J_t (loss is −J_t)                                  source
+================  =====================================================================  ==========
+PPOClip           min(w Â, clip(w, 1−ε_low, 1+ε_high) Â)                                  PPO; GRPO;
+                                                                                         GSPO eq. 5
+ + dual_clip=c    for Â < 0: max(that, c Â)                                               Ye et al.
+                                                                                         2020
+CISPOClip         sg[clip(w, 1−ε_low, 1+ε_high)] · Â · ℓ  (gradient); value sg[ŵ] Â       MiniMax-M1
+                                                                                         2506.13585
+SAPOGate          (4/τ) σ(τ (w − 1)) · Â, τ = τ_pos if Â > 0 else τ_neg                   SAPO
+                                                                                         2511.20347
+NoClip            w Â                                                                     REINFORCE
+                                                                                         with IS
+================  =====================================================================  ==========
+
+PPOClip is written as ``where(C, clip(w) Â, w Â)`` with the clip condition
+C = (Â > 0 ∧ w > 1+ε_high) ∨ (Â < 0 ∧ w < 1−ε_low) (strict inequalities). This equals the min
+form exactly, and makes the gradient of a clipped token exactly zero and that of every other
+token exactly Â ∇w, with no tie-splitting at the band's edges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDictBase
+
+from ._checks import check_advantages, check_float, check_mask, check_range, compute_dtype
+from ._module import KeyedModule, KeyOverrides
+
+__all__ = [
+    "CISPOClip",
+    "NoClip",
+    "PPOClip",
+    "SAPOGate",
+    "cispo_loss",
+    "ppo_clip_loss",
+    "sapo_loss",
+    "unclipped_loss",
+]
+
+DEFAULT_MAX_LOG_RATIO = 20.0
+
+
+def _prepare(
+    where: str,
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor | None,
+    max_log_ratio: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clean, upcast and broadcast the inputs; return (log_ratio, ratio, advantages, mask)."""
+    log_ratio = check_float(where, "log_ratio", log_ratio)
+    if log_ratio.dim() != 2:
+        raise ValueError(f"{where}: 'log_ratio' must have shape [N, T], got {list(log_ratio.shape)}")
+    if response_mask is None:
+        mask = torch.ones(log_ratio.shape, dtype=torch.bool, device=log_ratio.device)
+    else:
+        mask = check_mask(where, "response_mask", response_mask, log_ratio.shape)
+    advantages = check_advantages(where, "advantages", advantages, mask)
+    dtype = compute_dtype(log_ratio, advantages)
+    zero = torch.zeros((), dtype=dtype, device=log_ratio.device)
+    log_ratio = torch.where(mask, log_ratio.to(dtype), zero)
+    adv = advantages.detach().to(dtype)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1).expand_as(log_ratio)
+    adv = torch.where(mask, adv, zero)
+    if max_log_ratio is not None:
+        log_ratio = log_ratio.clamp(-max_log_ratio, max_log_ratio)
+    return log_ratio, torch.exp(log_ratio), adv, mask
+
+
+def _finish(
+    surrogate: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    zero = torch.zeros((), dtype=surrogate.dtype, device=surrogate.device)
+    return torch.where(mask, -surrogate, zero), clipped & mask
+
+
+def _check_max_log_ratio(where: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    return check_range(where, "max_log_ratio", value, 0.0, None, low_inclusive=False)
+
+
+def _ppo_params(
+    where: str, eps_low: float, eps_high: float, dual_clip: float | None, max_log_ratio: float | None
+) -> dict:
+    return {
+        "eps_low": check_range(where, "eps_low", eps_low, 0.0, 1.0),
+        "eps_high": check_range(where, "eps_high", eps_high, 0.0, None),
+        "dual_clip": None
+        if dual_clip is None
+        else check_range(where, "dual_clip", dual_clip, 1.0, None, low_inclusive=False),
+        "max_log_ratio": _check_max_log_ratio(where, max_log_ratio),
+    }
+
+
+def ppo_clip_loss(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor | None = None,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+    max_log_ratio: float | None = DEFAULT_MAX_LOG_RATIO,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate with asymmetric ε (DAPO's clip-higher) and optional dual clip.
+
+    J_t = min(w Â, clip(w, 1−ε_low, 1+ε_high) Â); with ``dual_clip = c > 1`` and Â < 0,
+    J_t = max(J_t, c Â) (Ye et al. 2020, "Mastering Complex Control in MOBA Games"), which bounds
+    the loss of a large ratio on a negative advantage.
+
+    Returns ``(−J_t, clipped)``; ``clipped`` is C_t = (Â>0 ∧ w>1+ε_high) ∨ (Â<0 ∧ w<1−ε_low),
+    or-ed with the dual-clip condition (Â<0 ∧ w>c).
+    """
+    p = _ppo_params("ppo_clip_loss", eps_low, eps_high, dual_clip, max_log_ratio)
+    _, ratio, adv, mask = _prepare("ppo_clip_loss", log_ratio, advantages, response_mask, p["max_log_ratio"])
+    low, high = 1.0 - p["eps_low"], 1.0 + p["eps_high"]
+    clipped = ((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low))
+    bound = torch.where(adv > 0, torch.full_like(ratio, high), torch.full_like(ratio, low))
+    surrogate = torch.where(clipped, bound * adv, ratio * adv)
+    c = p["dual_clip"]
+    if c is not None:
+        dual = (adv < 0) & (ratio > c)
+        surrogate = torch.where(dual, c * adv, surrogate)
+        clipped = clipped | dual
+    return _finish(surrogate, clipped, mask)
+
+
+def _cispo_params(
+    where: str, eps_high: float, eps_low: float | None, max_log_ratio: float | None
+) -> dict:
+    return {
+        "eps_high": check_range(where, "eps_high", eps_high, 0.0, None),
+        "eps_low": None if eps_low is None else check_range(where, "eps_low", eps_low, 0.0, 1.0),
+        "max_log_ratio": _check_max_log_ratio(where, max_log_ratio),
+    }
+
+
+def cispo_loss(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor | None = None,
+    *,
+    eps_high: float = 0.28,
+    eps_low: float | None = None,
+    max_log_ratio: float | None = DEFAULT_MAX_LOG_RATIO,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): clip the IS weight, not the update.
+
+    ∇J_t = sg[ŵ] · Â · ∇ℓ_t with ŵ = clamp(w, 1−ε_low, 1+ε_high) (no lower bound when
+    ``eps_low`` is None, as in the paper). Every token keeps a gradient. The value is written as
+    sg[ŵ] · Â · exp(log w − sg[log w]), which equals ŵ Â (so on-policy it is Â, like the other
+    clippers) and has exactly the gradient above, because ∇ log w = ∇ℓ.
+
+    ``clipped`` marks the truncated tokens (w > 1+ε_high, or w < 1−ε_low).
+    """
+    p = _cispo_params("cispo_loss", eps_high, eps_low, max_log_ratio)
+    log_w, ratio, adv, mask = _prepare("cispo_loss", log_ratio, advantages, response_mask, p["max_log_ratio"])
+    high = 1.0 + p["eps_high"]
+    clipped = ratio > high
+    truncated = ratio.clamp(max=high)
+    if p["eps_low"] is not None:
+        clipped = clipped | (ratio < 1.0 - p["eps_low"])
+        truncated = truncated.clamp(min=1.0 - p["eps_low"])
+    surrogate = truncated.detach() * adv * torch.exp(log_w - log_w.detach())
+    return _finish(surrogate, clipped, mask)
+
+
+def _sapo_params(where: str, tau_pos: float, tau_neg: float, max_log_ratio: float | None) -> dict:
+    return {
+        "tau_pos": check_range(where, "tau_pos", tau_pos, 0.0, None, low_inclusive=False),
+        "tau_neg": check_range(where, "tau_neg", tau_neg, 0.0, None, low_inclusive=False),
+        "max_log_ratio": _check_max_log_ratio(where, max_log_ratio),
+    }
+
+
+def sapo_loss(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor | None = None,
+    *,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    max_log_ratio: float | None = DEFAULT_MAX_LOG_RATIO,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAPO's soft gate (Gao et al., "Soft Adaptive Policy Optimization", arXiv 2511.20347).
+
+    J_t = f_τ(w) Â with f_τ(w) = (4/τ) σ(τ (w − 1)), τ = τ_pos if Â > 0 else τ_neg. Since
+    f'_τ(1) = 1, the on-policy gradient is Â ∇ℓ, as for every other clipper. Nothing is
+    clipped hard, so ``clipped`` is all False.
+    """
+    p = _sapo_params("sapo_loss", tau_pos, tau_neg, max_log_ratio)
+    _, ratio, adv, mask = _prepare("sapo_loss", log_ratio, advantages, response_mask, p["max_log_ratio"])
+    tau = torch.where(adv > 0, torch.full_like(ratio, p["tau_pos"]), torch.full_like(ratio, p["tau_neg"]))
+    gate = (4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0))
+    return _finish(gate * adv, torch.zeros_like(mask), mask)
+
+
+def unclipped_loss(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor | None = None,
+    *,
+    max_log_ratio: float | None = DEFAULT_MAX_LOG_RATIO,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """No clipping: J_t = w Â (importance-weighted REINFORCE). ``clipped`` is all False."""
+    max_log_ratio = _check_max_log_ratio("unclipped_loss", max_log_ratio)
+    _, ratio, adv, mask = _prepare("unclipped_loss", log_ratio, advantages, response_mask, max_log_ratio)
+    return _finish(ratio * adv, torch.zeros_like(mask), mask)
+
+
+class _ClipperModule(KeyedModule):
+    """Reads ``log_ratio``, ``advantages``, ``response_mask``; writes ``token_loss``, ``clipped``.
+
+    A thin shell around one of the pure functions above, with its hyper-parameters bound and
+    validated at construction.
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        params: dict,
+        in_keys: KeyOverrides,
+        out_keys: KeyOverrides,
+    ) -> None:
+        super().__init__()
+        self._setup_keys(
+            ("log_ratio", "advantages", "response_mask"), ("token_loss", "clipped"), in_keys, out_keys
+        )
+        self._loss_fn = loss_fn
+        self.params = params
+        for name, value in params.items():
+            setattr(self, name, value)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        td = self._check_td(tensordict)
+        token_loss, clipped = self._loss_fn(
+            self._read(td, "log_ratio"),
+            self._read(td, "advantages"),
+            self._read(td, "response_mask"),
+            **self.params,
+        )
+        td.set(self._out_map["token_loss"], token_loss)
+        td.set(self._out_map["clipped"], clipped)
+        return td
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.params.items())
+
+
+class PPOClip(_ClipperModule):
+    """PPO's clipped surrogate with asymmetric ε and optional dual clip (see :func:`ppo_clip_loss`).
+
+    GRPO uses ε = 0.2/0.2, DAPO 0.2/0.28, GSPO 3e-4/4e-4 on the sequence ratio.
+    """
+
+    def __init__(
+        self,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        *,
+        dual_clip: float | None = None,
+        max_log_ratio: float | None = DEFAULT_MAX_LOG_RATIO,
+        in_keys: KeyOverrides = None,
+        out_keys: KeyOverrides = None,
+    ) -> None:
+        params = _ppo_params("PPOClip", eps_low, eps_high, dual_clip, max_log_ratio)
+        super().__init__(ppo_clip_loss, params, in_keys, out_keys)
+
+
+class CISPOClip(_ClipperModule):
+    """CISPO: truncated, detached IS weight times Â ∇ℓ (see :func:`cispo_loss`).
+
+    The MiniMax-M1 paper tunes only ε_high and publishes no value; the default 0.28 follows
+    DAPO's clip-higher bound and is a starting point, not a paper value.
+    """
+
+    def __init__(
+        self,
+        eps_high: float = 0.28,
+        *,
+        eps_low: float | None = None,
+        max_log_ratio: float | None = DEFAULT_MAX_LOG_RATIO,
+        in_keys: KeyOverrides = None,
+        out_keys: KeyOverrides = None,
+    ) -> None:
+        params = _cispo_params("CISPOClip", eps_high, eps_low, max_log_ratio)
+        super().__init__(cispo_loss, params, in_keys, out_keys)
+
+
+class SAPOGate(_ClipperModule):
+    """SAPO's temperature-controlled soft gate in place of a hard clip (see :func:`sapo_loss`)."""
+
+    def __init__(
+        self,
+        tau_pos: float = 1.0,
+        tau_neg: float = 1.05,
+        *,
+        max_log_ratio: float | None = DEFAULT_MAX_LOG_RATIO,
+        in_keys: KeyOverrides = None,
+        out_keys: KeyOverrides = None,
+    ) -> None:
+        params = _sapo_params("SAPOGate", tau_pos, tau_neg, max_log_ratio)
+        super().__init__(sapo_loss, params, in_keys, out_keys)
+
+
+class NoClip(_ClipperModule):
+    """No clipping: importance-weighted policy gradient (see :func:`unclipped_loss`)."""
+
+    def __init__(
+        self,
+        *,
+        max_log_ratio: float | None = DEFAULT_MAX_LOG_RATIO,
+        in_keys: KeyOverrides = None,
+        out_keys: KeyOverrides = None,
+    ) -> None:
+        params = {"max_log_ratio": _check_max_log_ratio("NoClip", max_log_ratio)}
+        super().__init__(unclipped_loss, params, in_keys, out_keys)
