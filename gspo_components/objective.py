@@ -235,7 +235,7 @@ class Objective(KeyedModule):
             required.append("entropy")
         optional = ["is_weights", "log_ratio", "clipped", "entropy"]
         self._setup_keys(
-            tuple(required), ("loss",) + METRIC_NAMES, in_keys, out_keys, optional_in_names=tuple(optional)
+            tuple(required), ("loss", *METRIC_NAMES), in_keys, out_keys, optional_in_names=tuple(optional)
         )
 
     def forward(
