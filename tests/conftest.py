@@ -10,6 +10,12 @@ from __future__ import annotations
 import os
 
 import torch
+
+# Without a GPU, Triton kernels run under its interpreter. It must be set before any kernel module
+# is imported, which the fused tests do lazily.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import HealthCheck, Verbosity, settings
 
 settings.register_profile(

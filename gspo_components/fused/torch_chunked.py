@@ -1,0 +1,133 @@
+"""The chunked torch backend of :func:`~gspo_components.fused.linear_log_probs`.
+
+Rows are processed ``chunk_size`` at a time: a chunk's logits z = (h Wᵀ + b)/τ are formed in
+float32, reduced to log-sum-exp, target logit and (optionally) entropy, and dropped. Only the
+per-row log-sum-exp (and entropy) is kept for the backward pass, which recomputes each chunk's
+logits and applies
+
+    ∂ log p_y / ∂z_v = 1[v = y] − p_v,        ∂H / ∂z_v = −p_v (log p_v + H),
+
+then ∂/∂h = (∂/∂z) W / τ, ∂/∂W = (∂/∂z)ᵀ h / τ, ∂/∂b = Σ_rows ∂/∂z / τ. At most one chunk of
+logits (plus its softmax and gradient, same shape) is alive at any time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result. On CUDA, half inputs accumulate and return in float32
+    (``out_dtype``); elsewhere the product is formed in the inputs' dtype, then upcast."""
+    if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    out = a @ b
+    return out if out.dtype == torch.float64 else out.float()
+
+
+def chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """z = (h Wᵀ + b) / τ for one chunk, in float32 (float64 for float64 inputs)."""
+    z = _matmul_f32(hidden, weight.t())
+    if bias is not None:
+        z = z + bias.to(z.dtype)
+    if temperature != 1.0:
+        z = z / temperature
+    return z
+
+
+class ChunkedLinearLogProbs(torch.autograd.Function):
+    """Autograd function: (h [M, H], W [V, H], b [V] | None, y [M]) → (log p_y [M], H [M])."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        valid: torch.Tensor,
+        temperature: float,
+        chunk_size: int,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        m = hidden.shape[0]
+        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        log_probs = torch.zeros(m, dtype=out_dtype, device=hidden.device)
+        entropy = torch.zeros(m if with_entropy else 0, dtype=out_dtype, device=hidden.device)
+        lse = torch.empty(m, dtype=out_dtype, device=hidden.device)
+        for start in range(0, m, chunk_size):
+            stop = min(start + chunk_size, m)
+            z = chunk_logits(hidden[start:stop], weight, bias, temperature)
+            row_lse = torch.logsumexp(z, dim=-1)
+            target_logit = z.gather(1, targets[start:stop].unsqueeze(1)).squeeze(1)
+            lse[start:stop] = row_lse
+            log_probs[start:stop] = torch.where(valid[start:stop], target_logit - row_lse, 0.0)
+            if with_entropy:
+                p = torch.exp(z - row_lse.unsqueeze(1))
+                h = row_lse - (p * z).sum(-1)
+                entropy[start:stop] = torch.where(valid[start:stop], h, 0.0)
+            del z
+        ctx.save_for_backward(hidden, weight, bias, targets, valid, lse, entropy)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        ctx.with_entropy = with_entropy
+        ctx.mark_non_differentiable(lse)
+        return log_probs, entropy
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_log_probs: torch.Tensor | None,
+        grad_entropy: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, targets, valid, lse, entropy = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        tau: float = ctx.temperature
+        m = hidden.shape[0]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
+        use_entropy = ctx.with_entropy and grad_entropy is not None
+        for start in range(0, m, ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, m)
+            rows_valid = valid[start:stop]
+            z = chunk_logits(hidden[start:stop], weight, bias, tau)
+            log_p = z - lse[start:stop].unsqueeze(1)
+            p = torch.exp(log_p)
+            dz = torch.zeros_like(z)
+            if grad_log_probs is not None:
+                g = torch.where(rows_valid, grad_log_probs[start:stop].to(z.dtype), 0.0)
+                dz = -g.unsqueeze(1) * p
+                dz.scatter_add_(1, targets[start:stop].unsqueeze(1), g.unsqueeze(1))
+            if use_entropy:
+                gh = torch.where(rows_valid, grad_entropy[start:stop].to(z.dtype), 0.0)
+                dz = dz - gh.unsqueeze(1) * p * (log_p + entropy[start:stop].unsqueeze(1))
+            if tau != 1.0:
+                dz = dz / tau
+            del z, log_p, p
+            if grad_b is not None:
+                grad_b += dz.sum(0).to(acc_dtype)
+            dz_in = dz.to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[start:stop] = dz_in @ weight
+            if grad_w is not None:
+                if dz_in.dtype == acc_dtype:
+                    grad_w.addmm_(dz_in.t(), hidden[start:stop])
+                else:
+                    grad_w += _matmul_f32(dz_in.t(), hidden[start:stop])
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
