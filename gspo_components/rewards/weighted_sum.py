@@ -1,0 +1,58 @@
+"""WeightedSum: r_i = Σ_k w_k r_{k,i}, each term also written under ``("reward_terms", name)``.
+
+A sample is valid only if every term scored it: a failure in any term leaves it out (its terms
+that did score are still logged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from tensordict import TensorDictBase
+
+from .base import RewardFn
+
+__all__ = ["WeightedSum"]
+
+
+class WeightedSum(RewardFn):
+    """Args:
+    terms: ``{name: reward_fn}`` or ``{name: (reward_fn, weight)}`` (weight 1.0 by default).
+    """
+
+    fields = ()
+
+    def __init__(self, terms: Mapping[str, RewardFn | tuple[RewardFn, float]], **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        if not terms:
+            raise ValueError("WeightedSum: terms must name at least one reward function")
+        self.names: list[str] = []
+        self.weights: list[float] = []
+        fns = []
+        for name, term in terms.items():
+            fn, weight = term if isinstance(term, tuple) else (term, 1.0)
+            if not isinstance(fn, RewardFn):
+                raise ValueError(f"WeightedSum: term {name!r} must be a RewardFn, got {type(fn).__name__}")
+            self.names.append(name)
+            self.weights.append(float(weight))
+            fns.append(fn)
+        self.terms = torch.nn.ModuleList(fns)
+        in_keys = []
+        for fn in fns:
+            in_keys += [k for k in fn.in_keys if k not in in_keys]
+        self.in_keys = in_keys
+        self.out_keys = [*self.out_keys, *[("reward_terms", n) for n in self.names]]
+
+    def score_batch(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
+        total = torch.zeros(tensordict.shape[0], dtype=torch.float32)
+        valid = torch.ones(tensordict.shape[0], dtype=torch.bool)
+        for name, weight, fn in zip(self.names, self.weights, self.terms, strict=True):
+            work = fn(tensordict.copy())
+            r = work.get(fn.key("rewards")).cpu()
+            v = work.get(fn.key("reward_valid")).cpu()
+            tensordict.set(("reward_terms", name), r.to(tensordict.device) if tensordict.device else r)
+            total += weight * torch.where(v, r, torch.zeros_like(r))
+            valid &= v
+            self.last_failures += fn.last_failures
+        return total, valid
