@@ -3,8 +3,10 @@
 Every check raises :class:`ValueError` with a message that names the offending key (or argument),
 what was expected, and what arrived, e.g.::
 
-    ValueError: SequenceLogRatio: 'old_log_probs' must have shape [N, T] = [4, 7] like
-    'log_probs', got [4, 6]
+    ValueError: sequence_log_ratio: 'old_log_probs' must have shape [N, T] = [4, 7] like
+    'response_mask', got [4, 6]
+
+(the pure function's name is given, also when a module called it).
 
 Values are checked only where a wrong value would otherwise pass silently (masks that are not
 0/1, non-finite rewards); shapes and dtypes are always checked.

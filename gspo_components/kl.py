@@ -11,7 +11,8 @@ k2    ½ x²                     biased, ≥ 0
 k3    ρ − log ρ − 1 = e^x − x − 1  unbiased, ≥ 0 (GRPO's choice); computed as expm1(x) − x
 ====  =======================  ==============================================================
 
-All three and their gradients are exactly 0 when ℓ = ℓ^ref. ``ref_log_probs`` is a constant
+All three are exactly 0 when ℓ = ℓ^ref; so are the gradients of k2 and k3 (k1's gradient is
+1 everywhere: it is unbiased only as a value, and as a loss it pushes every sampled token down). ``ref_log_probs`` is a constant
 (detached); x is clamped to ±20 before ``exp``, and the arithmetic runs in float32 (float64 for
 float64 inputs). Padding positions are 0.
 """

@@ -103,7 +103,10 @@ def objective_loss(
     where = "objective_loss"
     check_choice(where, "aggregation", aggregation, AGGREGATIONS)
     mask = check_mask(where, "response_mask", response_mask)
-    check_nonempty(where, "response_mask", mask)
+    if normalizers is None:
+        # With the step's normalisers an empty micro-batch is legitimate (a rank whose samples
+        # were all filtered must still join the gradient all-reduce): its loss is an exact 0.
+        check_nonempty(where, "response_mask", mask)
     token_loss = check_token_tensor(where, "token_loss", token_loss, "response_mask", mask)
     norm = _resolve_normalizers(mask, normalizers, max_length, sync_ranks, process_group)
     dtype = compute_dtype(token_loss)
@@ -163,7 +166,7 @@ def loss_metrics(
         out["clip_fraction"] = _masked_mean(clipped.to(f32), mask)
         seq_clipped = clipped.any(-1) & rows
         out["seq_clip_fraction"] = seq_clipped.sum().to(f32) / rows.sum().clamp(min=1)
-    if log_ratio is not None:
+    if log_ratio is not None and bool(mask.any()):
         log_ratio = check_token_tensor(where, "log_ratio", log_ratio, "response_mask", mask)
         lr = log_ratio.detach().to(compute_dtype(log_ratio))
         ratio = torch.exp(torch.where(mask, lr, torch.zeros((), dtype=lr.dtype, device=lr.device)))
@@ -244,7 +247,8 @@ class Objective(KeyedModule):
         td = self._check_td(tensordict)
         where = type(self).__name__
         mask = check_mask(where, "response_mask", self._read(td, "response_mask"))
-        check_nonempty(where, "response_mask", mask)
+        if normalizers is None:
+            check_nonempty(where, "response_mask", mask)
         token_loss = check_float(where, "token_loss", self._read(td, "token_loss"))
         kl = None
         if self.kl_coef > 0:
