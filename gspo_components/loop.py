@@ -1,0 +1,222 @@
+"""The reference loop: one RL step is a few lines of composition, not a framework.
+
+Each step:
+
+1. sample G responses per prompt (``sampler(prompts)``);
+2. score the rewards (``reward_fn``); samples whose reward failed leave the loss;
+3. compute the advantages once, over whole groups (``recipe.advantage``);
+4. compute π_old without gradient (``Scorer(..., grad=False)``), or take the engine's
+   ``rollout_log_probs`` with ``old_from_rollout=True``;
+5. run ``epochs`` (μ) passes of ``minibatches`` shuffled minibatch updates with ``recipe.loss``
+   on log-probs recomputed by the policy through the fused head;
+6. push the new weights into the sampler (``sampler.sync_weights(policy)``).
+
+It logs reward, accuracy, clip fractions, KL, ratio statistics and tokens/s to a JSON-lines file
+and a progress bar, and saves / resumes checkpoints (policy, optimizer, step, history, RNG).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tensordict import NonTensorStack, TensorDictBase
+
+from .recipes import Recipe
+from .scoring import Scorer
+
+__all__ = ["PromptBatch", "RLConfig", "Sampler", "train"]
+
+
+class Sampler(Protocol):
+    def __call__(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> TensorDictBase: ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None: ...
+
+
+@dataclass
+class PromptBatch:
+    """Prompts for one step and per-prompt fields to attach to every sample (e.g. ``answer``)."""
+
+    prompts: list[str]
+    fields: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class RLConfig:
+    steps: int
+    minibatches: int = 4
+    epochs: int = 1
+    temperature: float = 1.0
+    max_grad_norm: float | None = 1.0
+    old_from_rollout: bool = False
+    accuracy_key: str | tuple[str, ...] | None = "rewards"
+    accuracy_threshold: float = 0.5
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 0
+    log_path: Path | None = None
+    progress: bool = True
+    seed: int = 0
+
+
+def _attach(td: TensorDictBase, fields: dict[str, list[Any]], repeat: int) -> None:
+    for name, values in fields.items():
+        per_sample = [v for v in values for _ in range(repeat)]
+        if per_sample and isinstance(per_sample[0], (int, float)) and not isinstance(per_sample[0], bool):
+            td.set(name, torch.tensor(per_sample))
+        else:
+            td.set(name, NonTensorStack(*per_sample))
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _save(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, history: list) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "checkpoint.pt.tmp"
+    torch.save(
+        {
+            "policy": policy.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "history": history,
+            "rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
+    tmp.replace(path / "checkpoint.pt")
+
+
+def _load(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list]:
+    ckpt = torch.load(path / "checkpoint.pt", weights_only=False)
+    policy.load_state_dict(ckpt["policy"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    return int(ckpt["step"]), list(ckpt["history"])
+
+
+def train(
+    policy: torch.nn.Module,
+    sampler: Sampler,
+    reward_fn: torch.nn.Module,
+    recipe: Recipe,
+    optimizer: torch.optim.Optimizer,
+    next_prompts: Callable[[int], PromptBatch],
+    config: RLConfig,
+    *,
+    samples_per_prompt: int,
+    on_step: Callable[[int, dict[str, float]], dict[str, float] | None] | None = None,
+    reference: torch.nn.Module | None = None,
+) -> list[dict[str, float]]:
+    """Run ``config.steps`` RL steps; return the per-step metrics (also resumed history).
+
+    ``on_step(step, metrics)`` may return extra metrics (e.g. a held-out evaluation) to log.
+    ``reference`` is scored into ``ref_log_probs`` when the recipe uses a KL term.
+    """
+    scorer = Scorer(policy, temperature=config.temperature)
+    old_scorer = Scorer(policy, temperature=config.temperature, out_key="old_log_probs", grad=False)
+    ref_scorer = (
+        Scorer(reference, temperature=config.temperature, out_key="ref_log_probs", grad=False)
+        if reference is not None
+        else None
+    )
+    start, history = 0, []
+    ckpt_dir = config.checkpoint_dir
+    if ckpt_dir is not None and (ckpt_dir / "checkpoint.pt").exists():
+        start, history = _load(ckpt_dir, policy, optimizer)
+        sampler.sync_weights(policy)
+    torch.manual_seed(config.seed + start)
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc=recipe.name, dynamic_ncols=True)
+    log = open(config.log_path, "a") if config.log_path is not None else None
+    try:
+        for step in range(start, config.steps):
+            t0 = time.perf_counter()
+            batch = next_prompts(step)
+            td = sampler(batch.prompts)
+            t_sample = time.perf_counter() - t0
+            _attach(td, batch.fields, samples_per_prompt)
+            td = reward_fn(td)
+            valid = td["reward_valid"]
+            td["response_mask"] = td["response_mask"] & valid.unsqueeze(-1)
+            td = recipe.advantage(td)
+            if config.old_from_rollout:
+                td["old_log_probs"] = td["rollout_log_probs"]
+            else:
+                td = old_scorer(td)
+            if ref_scorer is not None:
+                td = ref_scorer(td)
+            outputs: list[TensorDictBase] = []
+            policy.train()
+            for _ in range(config.epochs):
+                order = torch.randperm(td.shape[0])
+                for chunk in order.chunk(config.minibatches):
+                    mb = td[chunk]
+                    if not bool(mb["response_mask"].any()):
+                        continue
+                    mb = scorer(mb)
+                    out = recipe.loss(mb)
+                    optimizer.zero_grad(set_to_none=True)
+                    out["loss"].backward()
+                    if config.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    outputs.append(out.detach())
+            policy.eval()
+            sampler.sync_weights(policy)
+            elapsed = time.perf_counter() - t0
+            rewards = td["rewards"].float()
+            tokens = int(td["response_mask"].sum())
+            metrics: dict[str, float] = {
+                "step": float(step + 1),
+                "reward": float(rewards[valid].mean()) if bool(valid.any()) else float("nan"),
+                "reward_failures": float((~valid).sum()),
+                "response_length": float(td["response_mask"].sum(-1).float().mean()),
+                "tokens_per_s": tokens / max(elapsed, 1e-9),
+                "sample_tokens_per_s": tokens / max(t_sample, 1e-9),
+                "seconds": elapsed,
+            }
+            if config.accuracy_key is not None:
+                acc_src = td.get(config.accuracy_key).float()
+                metrics["accuracy"] = float((acc_src[valid] >= config.accuracy_threshold).float().mean())
+            for name in ("loss", "clip_fraction", "clip_fraction_low", "clip_fraction_high",
+                         "seq_clip_fraction", "ratio_mean", "kl", "entropy"):  # fmt: skip
+                values = [float(o[name]) for o in outputs if name in o.keys()]
+                if values:
+                    metrics[name] = _mean(values)
+            for name, fn in (("ratio_min", min), ("ratio_max", max)):
+                values = [float(o[name]) for o in outputs if name in o.keys()]
+                if values:
+                    metrics[name] = fn(values)
+            if on_step is not None:
+                extra = on_step(step + 1, metrics)
+                if extra:
+                    metrics.update(extra)
+            history.append(metrics)
+            if log is not None:
+                log.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                      for k, v in metrics.items()}) + "\n")  # fmt: skip
+                log.flush()
+            if bar is not None:
+                shown = {k: f"{metrics[k]:.3g}" for k in ("reward", "accuracy", "clip_fraction") if k in metrics}
+                bar.set_postfix(shown)
+                bar.update(1)
+            if ckpt_dir is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                _save(ckpt_dir, policy, optimizer, step + 1, history)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    return history
