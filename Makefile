@@ -35,7 +35,7 @@ $(VERL_PY):
 
 $(VERL_STAMP): pyproject.toml | $(VERL_PY)
 	$(VERL_PY) -m pip install -q "torch==2.13.0"
-	$(VERL_PY) -m pip install -q -e ".[verl,test]"
+	$(VERL_PY) -m pip install -q "torch==2.13.0" -e ".[verl,test]"
 	touch $(VERL_STAMP)
 
 venv-verl: $(VERL_STAMP)
