@@ -68,8 +68,10 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
             lse[start:stop] = row_lse
             log_probs[start:stop] = torch.where(valid[start:stop], target_logit - row_lse, 0.0)
             if with_entropy:
-                p = torch.exp(z - row_lse.unsqueeze(1))
-                h = row_lse - (p * z).sum(-1)
+                # H = −Σ p log p on the centred log-probs: lse − Σ p z would carry the rounding of
+                # lse through Σ p ≠ 1 and grow like ε·|z|².
+                log_p = z - row_lse.unsqueeze(1)
+                h = -(torch.exp(log_p) * log_p).sum(-1)
                 entropy[start:stop] = torch.where(valid[start:stop], h, 0.0)
             del z
         ctx.save_for_backward(hidden, weight, bias, targets, valid, lse, entropy)
