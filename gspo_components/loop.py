@@ -133,7 +133,8 @@ def train(
     if ckpt_dir is not None and (ckpt_dir / "checkpoint.pt").exists():
         start, history = _load(ckpt_dir, policy, optimizer)
         sampler.sync_weights(policy)
-    torch.manual_seed(config.seed + start)
+    if start == 0:
+        torch.manual_seed(config.seed)  # on resume, the checkpoint's RNG state continues instead
     bar = None
     if config.progress:
         from tqdm.auto import tqdm

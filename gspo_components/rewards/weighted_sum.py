@@ -1,7 +1,7 @@
 """WeightedSum: r_i = Σ_k w_k r_{k,i}, each term also written under ``("reward_terms", name)``.
 
-A sample is valid only if every term scored it: a failure in any term leaves it out (its terms
-that did score are still logged).
+A sample is valid only if every term scored it: a failure in any term leaves it out with reward
+0, as for any failed sample (its terms that did score are still logged under ``reward_terms``).
 """
 
 from __future__ import annotations
@@ -55,4 +55,4 @@ class WeightedSum(RewardFn):
             total += weight * torch.where(v, r, torch.zeros_like(r))
             valid &= v
             self.last_failures += fn.last_failures
-        return total, valid
+        return torch.where(valid, total, torch.zeros_like(total)), valid  # failed samples: 0
