@@ -103,8 +103,12 @@ class Recipe:
     def step_normalizers(
         self, micro_batches: torch.Tensor | Iterable[object], **kwargs: object
     ) -> LossNormalizers:
-        """:func:`~gspo_components.aggregation.step_normalizers` with this recipe's length norm."""
-        kwargs.setdefault("max_length", self.loss.objective.max_length)
+        """:func:`~gspo_components.aggregation.step_normalizers` with this recipe's objective
+        settings (``max_length``, ``sync_ranks``, ``process_group``) as defaults."""
+        objective = self.loss.objective
+        kwargs.setdefault("max_length", objective.max_length)
+        kwargs.setdefault("sync_ranks", objective.sync_ranks)
+        kwargs.setdefault("process_group", objective.process_group)
         return step_normalizers(micro_batches, **kwargs)  # type: ignore[arg-type]
 
 
