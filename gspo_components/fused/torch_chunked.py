@@ -3,12 +3,12 @@
 Rows are processed ``chunk_size`` at a time: a chunk's logits z = (h Wᵀ + b)/τ are formed in
 float32, reduced to log-sum-exp, target logit and (optionally) entropy, and dropped. Only the
 per-row log-sum-exp (and entropy) is kept for the backward pass, which recomputes each chunk's
-logits and applies
+logits (into one reused buffer, transformed in place) and applies
 
     ∂ log p_y / ∂z_v = 1[v = y] − p_v,        ∂H / ∂z_v = −p_v (log p_v + H),
 
 then ∂/∂h = (∂/∂z) W / τ, ∂/∂W = (∂/∂z)ᵀ h / τ, ∂/∂b = Σ_rows ∂/∂z / τ. At most one chunk of
-logits (plus its softmax and gradient, same shape) is alive at any time.
+logits is alive at any time (two while the entropy's gradient is formed).
 """
 
 from __future__ import annotations
@@ -29,19 +29,38 @@ def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """z = (h Wᵀ + b) / τ for one chunk, in float32 (float64 for float64 inputs)."""
-    z = _matmul_f32(hidden, weight.t())
+    """z = (h Wᵀ + b) / τ for one chunk, in float32 (float64 for float64 inputs).
+
+    With ``out`` (a float buffer of the right shape), z is written there and no chunk-sized
+    tensor is allocated when the inputs are float32/float64: on the CPU, allocating and
+    page-faulting a fresh chunk every time costs as much as the arithmetic.
+    """
+    if out is not None and hidden.dtype == out.dtype:
+        z = torch.mm(hidden, weight.t(), out=out)
+    elif out is not None:
+        z = out.copy_(_matmul_f32(hidden, weight.t()))
+    else:
+        z = _matmul_f32(hidden, weight.t())
     if bias is not None:
-        z = z + bias.to(z.dtype)
+        z.add_(bias.to(z.dtype))
     if temperature != 1.0:
-        z = z / temperature
+        z.div_(temperature)
     return z
 
 
 class ChunkedLinearLogProbs(torch.autograd.Function):
-    """Autograd function: (h [M, H], W [V, H], b [V] | None, y [M]) → (log p_y [M], H [M])."""
+    """Autograd function: (h [M, H], W [V, H], b [V] | None, y [M]) → (log p_y [M], H [M]).
+
+    Each pass reuses one chunk-sized float buffer and transforms it in place (logits → shifted
+    logits → probabilities → gradient), so the peak extra memory is about one chunk of logits
+    (two when the entropy's gradient is needed).
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -60,20 +79,27 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         log_probs = torch.zeros(m, dtype=out_dtype, device=hidden.device)
         entropy = torch.zeros(m if with_entropy else 0, dtype=out_dtype, device=hidden.device)
         lse = torch.empty(m, dtype=out_dtype, device=hidden.device)
+        buf = torch.empty(min(chunk_size, m), weight.shape[0], dtype=out_dtype, device=hidden.device)
         for start in range(0, m, chunk_size):
             stop = min(start + chunk_size, m)
-            z = chunk_logits(hidden[start:stop], weight, bias, temperature)
-            row_lse = torch.logsumexp(z, dim=-1)
+            z = chunk_logits(hidden[start:stop], weight, bias, temperature, out=buf[: stop - start])
             target_logit = z.gather(1, targets[start:stop].unsqueeze(1)).squeeze(1)
+            row_max = z.amax(dim=-1, keepdim=True)
+            z.sub_(row_max)  # z − max ≤ 0
+            if with_entropy:
+                # H = log s − Σ e (z − max) / s with e = exp(z − max), s = Σ e: every term is
+                # bounded, so the rounding stays at ε·|z|, not ε·|z|² as lse − Σ p z would give.
+                e = torch.exp(z)
+                s = e.sum(-1)
+                e_dot_z = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).reshape(-1)  # Σ_v e z, no temp
+                h = torch.log(s) - e_dot_z / s
+                del e
+                entropy[start:stop] = torch.where(valid[start:stop], h, 0.0)
+            else:
+                s = z.exp_().sum(-1)
+            row_lse = row_max.squeeze(1) + torch.log(s)
             lse[start:stop] = row_lse
             log_probs[start:stop] = torch.where(valid[start:stop], target_logit - row_lse, 0.0)
-            if with_entropy:
-                # H = −Σ p log p on the centred log-probs: lse − Σ p z would carry the rounding of
-                # lse through Σ p ≠ 1 and grow like ε·|z|².
-                log_p = z - row_lse.unsqueeze(1)
-                h = -(torch.exp(log_p) * log_p).sum(-1)
-                entropy[start:stop] = torch.where(valid[start:stop], h, 0.0)
-            del z
         ctx.save_for_backward(hidden, weight, bias, targets, valid, lse, entropy)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
@@ -96,28 +122,32 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
         use_entropy = ctx.with_entropy and grad_entropy is not None
+        buf = torch.empty(min(ctx.chunk_size, m), weight.shape[0], dtype=lse.dtype, device=hidden.device)
         for start in range(0, m, ctx.chunk_size):
             stop = min(start + ctx.chunk_size, m)
             rows_valid = valid[start:stop]
-            z = chunk_logits(hidden[start:stop], weight, bias, tau)
-            log_p = z - lse[start:stop].unsqueeze(1)
-            p = torch.exp(log_p)
-            dz = torch.zeros_like(z)
+            dz = chunk_logits(hidden[start:stop], weight, bias, tau, out=buf[: stop - start])
+            dz.sub_(lse[start:stop].unsqueeze(1))  # log p
+            g = torch.zeros(stop - start, dtype=dz.dtype, device=dz.device)
             if grad_log_probs is not None:
-                g = torch.where(rows_valid, grad_log_probs[start:stop].to(z.dtype), 0.0)
-                dz = -g.unsqueeze(1) * p
-                dz.scatter_add_(1, targets[start:stop].unsqueeze(1), g.unsqueeze(1))
+                g = torch.where(rows_valid, grad_log_probs[start:stop].to(dz.dtype), 0.0)
             if use_entropy:
-                gh = torch.where(rows_valid, grad_entropy[start:stop].to(z.dtype), 0.0)
-                dz = dz - gh.unsqueeze(1) * p * (log_p + entropy[start:stop].unsqueeze(1))
+                # dz = −p (g + g_H (log p + H)) + g·1[v = y]
+                gh = torch.where(rows_valid, grad_entropy[start:stop].to(dz.dtype), 0.0)
+                p = torch.exp(dz)
+                dz.add_(entropy[start:stop].unsqueeze(1)).mul_(gh.unsqueeze(1)).add_(g.unsqueeze(1))
+                dz.mul_(p).neg_()
+                del p
+            else:
+                dz.exp_().mul_(-g.unsqueeze(1))  # −g p
+            dz.scatter_add_(1, targets[start:stop].unsqueeze(1), g.unsqueeze(1))
             if tau != 1.0:
-                dz = dz / tau
-            del z, log_p, p
+                dz.div_(tau)
             if grad_b is not None:
                 grad_b += dz.sum(0).to(acc_dtype)
-            dz_in = dz.to(hidden.dtype)
+            dz_in = dz if dz.dtype == hidden.dtype else dz.to(hidden.dtype)
             if grad_h is not None:
-                grad_h[start:stop] = dz_in @ weight
+                torch.mm(dz_in, weight, out=grad_h[start:stop])
             if grad_w is not None:
                 if dz_in.dtype == acc_dtype:
                     grad_w.addmm_(dz_in.t(), hidden[start:stop])
