@@ -1,0 +1,157 @@
+"""Tiny models and character tokenizers, built locally (nothing is downloaded).
+
+Two helpers make a folder that both transformers and vLLM load:
+
+- :func:`build_char_tokenizer`: a character-level tokenizer. Ids are ``<pad>`` = 0, ``<eos>`` = 1,
+  ``<unk>`` = 2, then one id per character of ``alphabet`` in the order given. Text is split into
+  single characters and decoded by concatenation, so ``decode(encode(s)) == s`` for any ``s``
+  drawn from the alphabet. No BOS token is added.
+- :func:`build_tiny_qwen3`: a randomly initialised ``Qwen3ForCausalLM`` (by default 2 layers,
+  hidden 128, 4 heads, 2 KV heads, head_dim 32; vLLM's CPU attention needs head_dim ≥ 32).
+
+Example (the demo's model)::
+
+    tok = build_char_tokenizer("0123456789+= ", path)
+    model = build_tiny_qwen3(len(tok), tokenizer=tok, path=path)
+    # `path` now holds config.json, model.safetensors, generation_config.json and the
+    # tokenizer files: VLLMSampler(str(path), ...) and AutoModelForCausalLM.from_pretrained(path)
+    # see the same weights and the same tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
+
+__all__ = ["SPECIAL_TOKENS", "build_char_tokenizer", "build_tiny_qwen3"]
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
+"""The special tokens of :func:`build_char_tokenizer`, with ids 0, 1, 2."""
+
+
+def build_char_tokenizer(
+    alphabet: str | Sequence[str], path: str | PathLike[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A character-level ``PreTrainedTokenizerFast`` over ``alphabet``; saved to ``path`` if given.
+
+    Args:
+        alphabet: the characters, each one token (duplicates are an error; order fixes the ids,
+            which start at ``len(SPECIAL_TOKENS)`` = 3).
+        path: a folder to ``save_pretrained`` into (created if missing), or ``None``.
+
+    Returns:
+        The tokenizer; ``len(tokenizer)`` = 3 + number of characters. ``pad_token_id`` = 0,
+        ``eos_token_id`` = 1, ``unk_token_id`` = 2 (characters outside the alphabet).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(alphabet)
+    if not chars:
+        raise ValueError("build_char_tokenizer: alphabet must hold at least one character, got none")
+    bad = [c for c in chars if len(c) != 1]
+    if bad:
+        raise ValueError(f"build_char_tokenizer: every alphabet entry must be one character, got {bad!r}")
+    dupes = sorted({c for c in chars if chars.count(c) > 1})
+    if dupes:
+        raise ValueError(f"build_char_tokenizer: alphabet repeats {dupes!r}")
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *chars])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()  # join characters without the WordLevel default's spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.padding_side = "right"
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(str(path))
+    return tokenizer
+
+
+def build_tiny_qwen3(
+    vocab_size: int,
+    path: str | PathLike[str] | None = None,
+    *,
+    hidden_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    head_dim: int = 32,
+    intermediate_size: int = 256,
+    max_position_embeddings: int = 256,
+    tie_word_embeddings: bool = False,
+    pad_token_id: int = 0,
+    eos_token_id: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> Qwen3ForCausalLM:
+    """A randomly initialised ``Qwen3ForCausalLM``; saved (with ``tokenizer``) to ``path`` if given.
+
+    Args:
+        vocab_size: output size; use ``len(tokenizer)``.
+        path: a folder to ``save_pretrained`` the model (safetensors, config, generation config)
+            and the tokenizer into, or ``None``.
+        hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
+        intermediate_size: the architecture. vLLM's CPU attention needs ``head_dim`` ≥ 32.
+        max_position_embeddings: the context length; the samplers refuse longer prompts and
+            vLLM uses it as ``max_model_len``.
+        tie_word_embeddings: share the input embedding and the LM head.
+        pad_token_id, eos_token_id: written into the config and the generation config (taken
+            from ``tokenizer`` when one is given).
+        seed: ``torch.manual_seed`` for the initialisation (the global RNG is restored after).
+        dtype: parameter dtype, saved as the config's ``dtype`` (vLLM's default dtype).
+        tokenizer: saved alongside the model when ``path`` is given.
+    """
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    if head_dim < 32:
+        raise ValueError(f"build_tiny_qwen3: head_dim must be >= 32 for vLLM's CPU attention, got {head_dim}")
+    if tokenizer is not None:
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else pad_token_id
+        eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos_token_id
+        if len(tokenizer) > vocab_size:
+            raise ValueError(
+                f"build_tiny_qwen3: vocab_size = {vocab_size} is smaller than the tokenizer's "
+                f"{len(tokenizer)} tokens"
+            )
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+    )
+    rng = torch.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    finally:
+        torch.set_rng_state(rng)
+    model = model.to(dtype)
+    model.config.dtype = dtype
+    model.generation_config = GenerationConfig(
+        pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None
+    )
+    model.eval()
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(path))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(path))
+    return model
