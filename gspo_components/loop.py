@@ -12,7 +12,8 @@ Each step:
 6. push the new weights into the sampler (``sampler.sync_weights(policy)``).
 
 It logs reward, accuracy, clip fractions, KL, ratio statistics and tokens/s to a JSON-lines file
-and a progress bar, and saves / resumes checkpoints (policy, optimizer, step, history, RNG).
+and a progress bar, and saves / resumes checkpoints (policy, optimizer, learning-rate scheduler,
+step, history, RNG). An optional ``lr_scheduler`` is stepped once per RL step, after the updates.
 """
 
 from __future__ import annotations
@@ -79,13 +80,24 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def _save(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, history: list) -> None:
+LRScheduler = torch.optim.lr_scheduler.LRScheduler
+
+
+def _save(
+    path: Path,
+    policy: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: LRScheduler | None,
+    step: int,
+    history: list,
+) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / "checkpoint.pt.tmp"
     torch.save(
         {
             "policy": policy.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
             "step": step,
             "history": history,
             "rng": torch.get_rng_state(),
@@ -95,10 +107,18 @@ def _save(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
     tmp.replace(path / "checkpoint.pt")
 
 
-def _load(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list]:
+def _load(
+    path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: LRScheduler | None
+) -> tuple[int, list]:
     ckpt = torch.load(path / "checkpoint.pt", weights_only=False)
     policy.load_state_dict(ckpt["policy"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if lr_scheduler is not None:
+        if ckpt.get("lr_scheduler") is None:
+            raise ValueError(
+                f"checkpoint {path / 'checkpoint.pt'} has no lr_scheduler state, but train() was given one"
+            )
+        lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     torch.set_rng_state(ckpt["rng"])
     return int(ckpt["step"]), list(ckpt["history"])
 
@@ -115,11 +135,14 @@ def train(
     samples_per_prompt: int,
     on_step: Callable[[int, dict[str, float]], dict[str, float] | None] | None = None,
     reference: torch.nn.Module | None = None,
+    lr_scheduler: LRScheduler | None = None,
 ) -> list[dict[str, float]]:
     """Run ``config.steps`` RL steps; return the per-step metrics (also resumed history).
 
     ``on_step(step, metrics)`` may return extra metrics (e.g. a held-out evaluation) to log.
     ``reference`` is scored into ``ref_log_probs`` when the recipe uses a KL term.
+    ``lr_scheduler`` (any ``torch.optim.lr_scheduler``) is stepped once per RL step; the learning
+    rate used by the step is logged as ``lr``.
     """
     scorer = Scorer(policy, temperature=config.temperature)
     old_scorer = Scorer(policy, temperature=config.temperature, out_key="old_log_probs", grad=False)
@@ -131,7 +154,7 @@ def train(
     start, history = 0, []
     ckpt_dir = config.checkpoint_dir
     if ckpt_dir is not None and (ckpt_dir / "checkpoint.pt").exists():
-        start, history = _load(ckpt_dir, policy, optimizer)
+        start, history = _load(ckpt_dir, policy, optimizer, lr_scheduler)
         sampler.sync_weights(policy)
     if start == 0:
         torch.manual_seed(config.seed)  # on resume, the checkpoint's RNG state continues instead
@@ -159,6 +182,7 @@ def train(
             if ref_scorer is not None:
                 td = ref_scorer(td)
             outputs: list[TensorDictBase] = []
+            lr = float(optimizer.param_groups[0]["lr"])
             policy.train()
             for _ in range(config.epochs):
                 order = torch.randperm(td.shape[0])
@@ -174,6 +198,8 @@ def train(
                         torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
                     optimizer.step()
                     outputs.append(out.detach())
+            if lr_scheduler is not None:
+                lr_scheduler.step()
             policy.eval()
             sampler.sync_weights(policy)
             elapsed = time.perf_counter() - t0
@@ -187,6 +213,7 @@ def train(
                 "tokens_per_s": tokens / max(elapsed, 1e-9),
                 "sample_tokens_per_s": tokens / max(t_sample, 1e-9),
                 "seconds": elapsed,
+                "lr": lr,
             }
             if config.accuracy_key is not None:
                 acc_src = td.get(config.accuracy_key).float()
@@ -214,7 +241,7 @@ def train(
                 bar.set_postfix(shown)
                 bar.update(1)
             if ckpt_dir is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                _save(ckpt_dir, policy, optimizer, step + 1, history)
+                _save(ckpt_dir, policy, optimizer, lr_scheduler, step + 1, history)
     finally:
         if bar is not None:
             bar.close()

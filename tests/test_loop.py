@@ -58,6 +58,7 @@ WARMUP_STEPS = 150
 TIMING_KEYS = {"tokens_per_s", "sample_tokens_per_s", "seconds"}
 DOCUMENTED = {
     "step",
+    "lr",
     "reward",
     "accuracy",
     "reward_failures",
@@ -241,10 +242,13 @@ def run_resumable(
     sampler: TransformersSampler | None,
     log: Path,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[dict[str, float]]]:
-    """A fresh policy and optimizer (and, without ``sampler``, a fresh global-RNG sampler on the
-    policy), trained with ``gspo()`` to ``steps``, checkpointing every step into ``ckpt``."""
+    """A fresh policy, optimizer and decaying learning-rate schedule (and, without ``sampler``, a
+    fresh global-RNG sampler on the policy), trained with ``gspo()`` to ``steps``, checkpointing
+    every step into ``ckpt``."""
     policy = load_model(model_dir)
     optimizer = make_optimizer(policy)
+    # The rate changes every step, so a resume that lost the schedule's position would differ.
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + step))
     if sampler is None:
         sampler = policy_sampler(policy, model_dir, seed=None)
     history = train(
@@ -256,6 +260,7 @@ def run_resumable(
         next_prompts,
         config(steps, checkpoint_dir=ckpt, checkpoint_every=1, log_path=log),
         samples_per_prompt=GROUP,
+        lr_scheduler=lr_scheduler,
     )
     return policy, optimizer, history
 
@@ -296,6 +301,8 @@ def test_resume_from_checkpoint_is_identical(model_dir: Path, tmp_path: Path, sa
     assert [m["step"] for m in read_jsonl(tmp_path / "b.jsonl")] == [1, 2, 3]
 
     assert without_timings(history_b) == without_timings(history_a), "the resumed run's metrics differ"
+    base_lr = opt_a.defaults["lr"]
+    assert [m["lr"] for m in history_a] == pytest.approx([base_lr, base_lr / 2, base_lr / 3])
     weights_a, weights_b = policy_a.state_dict(), policy_b.state_dict()
     differ = [k for k in weights_a if not torch.equal(weights_a[k], weights_b[k])]
     assert not differ, f"final weights differ after resume: {differ}"
