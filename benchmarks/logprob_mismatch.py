@@ -20,6 +20,9 @@ sequences of |mean_t Δℓ_t|, the log of GSPO's sequence ratio that the mismatc
 
 Run: ``python benchmarks/logprob_mismatch.py`` (about 3 minutes on 2 cores, two engine
 starts). Writes benchmarks/results/logprob_mismatch.json and .md.
+
+``--model runs/warmup`` measures an existing model folder instead, e.g. the demo's own warm start
+(written by ``make demo``), and writes ``logprob_mismatch_<folder name>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -166,6 +169,19 @@ def machine() -> dict:
     }
 
 
+def model_line(model: dict) -> str:
+    if "source" in model:
+        return (
+            f"Model: `{model['source']}` ({model['parameters']:,} parameters, vocab {model['vocab']}), "
+            "loaded as it is; prompts are two-digit additions."
+        )
+    return (
+        f"Model: tiny Qwen3, vocab {model['vocab']} tokens (characters + 3 special), hidden 128, 2 layers, "
+        f"4 heads, 2 KV heads, head_dim 32, trained {model['sft_steps']} steps on two-digit additions "
+        f"(final loss {model['final_loss']:.3f})."
+    )
+
+
 def write_markdown(report: dict, path: Path) -> None:
     m = report["machine"]
     lines = [
@@ -173,12 +189,11 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, vLLM {m['vllm']}, "
         f"transformers {m['transformers']}. Load average (1 min) {report['load_before'][0]:.1f} before, "
-        f"{report['load_after'][0]:.1f} after (other jobs shared the CPU; it changes timings, not these numbers).",
+        f"{report['load_after'][0]:.1f} after (load changes timings, not these numbers).",
         "",
-        f"Model: tiny Qwen3, vocab {report['model']['vocab']} tokens (characters + 3 special), hidden 128, 2 layers, 4 heads, "
-        f"2 KV heads, head_dim 32, trained {report['model']['sft_steps']} steps on two-digit additions "
-        f"(final loss {report['model']['final_loss']:.3f}). {report['setup']['prompts']} prompts x "
-        f"n = {report['setup']['n']}, at most {report['setup']['max_tokens']} tokens.",
+        model_line(report["model"])
+        + f" {report['setup']['prompts']} prompts x n = {report['setup']['n']}, at most "
+        f"{report['setup']['max_tokens']} tokens.",
         "",
         "Δℓ = ℓ_a − ℓ_b per sampled token (response mask only). 'seq' columns: |mean_t Δℓ_t| per response, "
         "the log GSPO sequence ratio that the mismatch alone creates.",
@@ -205,14 +220,25 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--model", type=Path, default=None, help="an existing model folder (e.g. runs/warmup)")
     args = parser.parse_args()
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="gspo_mismatch_") as tmp:
-        model_dir = Path(tmp)
-        model_info = build_model(model_dir, args.sft_steps, args.seed)
-        model_info["vocab"] = len(ALPHABET) + 3
-        prompts = [p for p, _ in addition_examples(random.Random(args.seed + 1), args.prompts)]
-        results = run(model_dir, prompts, args.n, args.max_tokens, [1.0, 0.7])
+    prompts = [p for p, _ in addition_examples(random.Random(args.seed + 1), args.prompts)]
+    stem = "logprob_mismatch"
+    if args.model is not None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(args.model))
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(args.model)).parameters())
+        model_info = {"source": str(args.model), "vocab": config.vocab_size, "parameters": n_params}
+        results = run(args.model, prompts, args.n, args.max_tokens, [1.0, 0.7])
+        stem += f"_{args.model.resolve().name}"
+    else:
+        with tempfile.TemporaryDirectory(prefix="gspo_mismatch_") as tmp:
+            model_dir = Path(tmp)
+            model_info = build_model(model_dir, args.sft_steps, args.seed)
+            model_info["vocab"] = len(ALPHABET) + 3
+            results = run(model_dir, prompts, args.n, args.max_tokens, [1.0, 0.7])
     report = {
         "machine": machine(),
         "load_before": load_before,
@@ -222,8 +248,8 @@ def main() -> None:
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "logprob_mismatch.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(report, args.out / "logprob_mismatch.md")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report, args.out / f"{stem}.md")
     print(json.dumps(results, indent=2))
 
 

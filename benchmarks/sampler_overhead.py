@@ -179,12 +179,13 @@ def write_markdown(report: dict, path: Path) -> None:
         f"Load average (1 / 5 / 15 min) before: {' / '.join(f'{x:.1f}' for x in report['load_before'])}; "
         f"after: {' / '.join(f'{x:.1f}' for x in report['load_after'])}. "
         + (
-            "Other processes were using the CPU while this ran (load above the core count), so "
+            "Other processes were using the CPU when this started (load above the core count), so "
             "absolute times are inflated and noisy; the rotating order, the per-round pairing and "
             "the CPU-time columns keep the comparison fair, and the 'own work' row is free of "
             "generation noise."
-            if max(report["load_before"][0], report["load_after"][0]) > (m["cores"] or 1)
-            else "The CPU was not contended."
+            # The load after counts this benchmark's own engine and trainer processes.
+            if report["load_before"][0] > (m["cores"] or 1)
+            else "No other job was using the CPU when this started (the load after counts the benchmark's own processes)."
         ),
         "",
         f"Setup: tiny Qwen3 ({report['tiny_params']:,} parameters, float32), {s['prompts']} prompts x "
