@@ -41,11 +41,10 @@ $(VERL_STAMP): pyproject.toml | $(VERL_PY)
 venv-verl: $(VERL_STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gspo_components tests
-	$(VENV)/bin/ruff format --check gspo_components tests
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
-test: $(STAMP) $(VERL_STAMP)
-	$(VENV)/bin/ruff check gspo_components tests
+test: $(STAMP) $(VERL_STAMP) lint
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -249,7 +249,9 @@ def write_outputs(results: list[dict], out: Path, meta: dict) -> None:
         m = [by_shape[s].get(name, {}).get("peak_extra_bytes", 0) / 2**20 for s in by_shape]
         axes[0].bar(xs, t, width, label=name)
         axes[1].bar(xs, m, width, label=name)
-    for ax, title in zip(axes, ("forward+backward time (ms, median)", "peak extra memory (MiB)"), strict=True):
+    for ax, title in zip(
+        axes, ("forward+backward time (ms, median)", "peak extra memory (MiB)"), strict=True
+    ):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels)
         ax.set_title(title)
     axes[0].legend()
@@ -259,8 +261,12 @@ def write_outputs(results: list[dict], out: Path, meta: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -268,14 +274,20 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child-method", dest="child_method", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--child-shape", dest="child_shape", type=int, nargs=3, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child-shape", dest="child_shape", type=int, nargs=3, default=None, help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     if args.child_method:
         measure_cpu_child(args)
         return
-    shapes = [tuple(s) for s in args.shape] if args.shape else (GPU_SHAPES if args.device == "cuda" else CPU_SHAPES)
+    shapes = (
+        [tuple(s) for s in args.shape]
+        if args.shape
+        else (GPU_SHAPES if args.device == "cuda" else CPU_SHAPES)
+    )
     if args.methods is None:
         args.methods = ["eager", "torch-chunked", "matmul-floor"]
         if args.device == "cuda":
@@ -295,7 +307,9 @@ def main() -> None:
                 ]  # fmt: skip
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
-            r.update(method=name, shape=list(shape), dtype=args.dtype, median_s=statistics.median(r["times_s"]))
+            r.update(
+                method=name, shape=list(shape), dtype=args.dtype, median_s=statistics.median(r["times_s"])
+            )
             print(
                 f"{shape} {name:14s} median {1000 * r['median_s']:9.1f} ms  peak extra "
                 f"{r['peak_extra_bytes'] / 2**20:9.1f} MiB  err {r['max_abs_error']}",

@@ -220,7 +220,9 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--model", type=Path, default=None, help="an existing model folder (e.g. runs/warmup)")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="an existing model folder (e.g. runs/warmup)"
+    )
     args = parser.parse_args()
     load_before = os.getloadavg()
     prompts = [p for p, _ in addition_examples(random.Random(args.seed + 1), args.prompts)]

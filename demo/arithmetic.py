@@ -160,9 +160,13 @@ def plot(results: dict, path: Path) -> None:
         steps = [m["step"] for m in h]
         axes[0].plot(steps, [m["reward"] for m in h], label=name)
         ev = [(m["step"], m["heldout_accuracy"]) for m in h if "heldout_accuracy" in m]
-        axes[1].plot([0] + [s for s, _ in ev], [res["accuracy_before"]] + [a for _, a in ev], marker="o", label=name)
+        axes[1].plot(
+            [0] + [s for s, _ in ev], [res["accuracy_before"]] + [a for _, a in ev], marker="o", label=name
+        )
         axes[2].plot(steps, [m.get("clip_fraction", math.nan) for m in h], label=name)
-    for ax, title in zip(axes, ("mean reward (train samples)", "held-out greedy accuracy", "clip fraction"), strict=True):
+    for ax, title in zip(
+        axes, ("mean reward (train samples)", "held-out greedy accuracy", "clip fraction"), strict=True
+    ):
         ax.set_title(title)
         ax.set_xlabel("RL step")
         ax.legend()
@@ -171,7 +175,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     parser.add_argument("--recipes", nargs="+", default=["grpo", "gspo", "gspo_token"])
     parser.add_argument("--warmup-steps", type=int, default=250)
@@ -194,7 +200,10 @@ def main() -> None:
     t_start = time.perf_counter()
     train_pairs, held = make_task(args.seed, args.held_out)
     warm = warm_start(args.runs / "warmup", train_pairs, args.warmup_steps, args.seed)
-    print(f"warm start: {args.runs / 'warmup'} (loss {warm['final_loss']:.3f}, {warm['seconds']:.0f} s)", flush=True)
+    print(
+        f"warm start: {args.runs / 'warmup'} (loss {warm['final_loss']:.3f}, {warm['seconds']:.0f} s)",
+        flush=True,
+    )
 
     from gspo_components.sampling import VLLMSampler
 
@@ -222,7 +231,9 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(results, out / "curves.png")
     print(json.dumps(summary, indent=2))
-    print(f"wrote {out / 'summary.json'} and {out / 'curves.png'} in {time.perf_counter() - t_start:.0f} s total")
+    print(
+        f"wrote {out / 'summary.json'} and {out / 'curves.png'} in {time.perf_counter() - t_start:.0f} s total"
+    )
 
 
 if __name__ == "__main__":

@@ -68,15 +68,12 @@ def check_mask(where: str, name: str, mask: object, shape: Sequence[int] | None 
     return mask != 0
 
 
-def check_token_tensor(
-    where: str, name: str, t: object, mask_name: str, mask: torch.Tensor
-) -> torch.Tensor:
+def check_token_tensor(where: str, name: str, t: object, mask_name: str, mask: torch.Tensor) -> torch.Tensor:
     """A float [N, T] tensor aligned with the response mask."""
     t = check_float(where, name, t)
     if t.shape != mask.shape:
         raise ValueError(
-            f"{where}: '{name}' must have shape [N, T] = {_shape(mask)} like '{mask_name}', "
-            f"got {_shape(t)}"
+            f"{where}: '{name}' must have shape [N, T] = {_shape(mask)} like '{mask_name}', got {_shape(t)}"
         )
     return t
 

@@ -23,18 +23,14 @@ NestedKey = str | tuple[str, ...]
 KeyOverrides = Mapping[str, NestedKey] | Sequence[NestedKey] | None
 
 
-def _resolve(
-    where: str, kind: str, names: Sequence[str], overrides: KeyOverrides
-) -> dict[str, NestedKey]:
+def _resolve(where: str, kind: str, names: Sequence[str], overrides: KeyOverrides) -> dict[str, NestedKey]:
     resolved: dict[str, NestedKey] = {name: name for name in names}
     if overrides is None:
         return resolved
     if isinstance(overrides, Mapping):
         unknown = sorted(set(overrides) - set(names))
         if unknown:
-            raise ValueError(
-                f"{where}: {kind} has no entry named {unknown}; its entries are {list(names)}"
-            )
+            raise ValueError(f"{where}: {kind} has no entry named {unknown}; its entries are {list(names)}")
         resolved.update(overrides)
         return resolved
     if isinstance(overrides, str):

@@ -92,10 +92,15 @@ def group_statistics(
     n = rewards.shape[0]
     if n == 0:
         raise ValueError(f"{where}: 'rewards' is empty (shape [0]); there is nothing to estimate")
-    if not isinstance(group_ids, torch.Tensor) or group_ids.dtype.is_floating_point or group_ids.dtype in (
-        torch.bool,
-        torch.complex64,
-        torch.complex128,
+    if (
+        not isinstance(group_ids, torch.Tensor)
+        or group_ids.dtype.is_floating_point
+        or group_ids.dtype
+        in (
+            torch.bool,
+            torch.complex64,
+            torch.complex128,
+        )
     ):
         got = group_ids.dtype if isinstance(group_ids, torch.Tensor) else type(group_ids).__name__
         raise ValueError(f"{where}: 'group_ids' must be an integer tensor of shape [N], got {got}")
@@ -221,7 +226,9 @@ class _GroupAdvantageModule(KeyedModule):
 class GroupNormalizedAdvantage(_GroupAdvantageModule):
     __doc__ = "GRPO's group-normalised advantage.\n\n" + (group_normalized_advantages.__doc__ or "")
 
-    def __init__(self, eps: float = 1e-6, *, in_keys: KeyOverrides = None, out_keys: KeyOverrides = None) -> None:
+    def __init__(
+        self, eps: float = 1e-6, *, in_keys: KeyOverrides = None, out_keys: KeyOverrides = None
+    ) -> None:
         super().__init__(in_keys, out_keys)
         self.eps = check_range(type(self).__name__, "eps", eps, 0.0, None)
 
@@ -254,7 +261,9 @@ class BatchWhitenedAdvantage(_GroupAdvantageModule):
         batch_whitened_advantages.__doc__ or ""
     )
 
-    def __init__(self, eps: float = 1e-6, *, in_keys: KeyOverrides = None, out_keys: KeyOverrides = None) -> None:
+    def __init__(
+        self, eps: float = 1e-6, *, in_keys: KeyOverrides = None, out_keys: KeyOverrides = None
+    ) -> None:
         super().__init__(in_keys, out_keys)
         self.eps = check_range(type(self).__name__, "eps", eps, 0.0, None)
 

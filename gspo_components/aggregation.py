@@ -87,9 +87,7 @@ def _counts(mask: torch.Tensor) -> tuple[float, float, float]:
     return float(lengths.sum()), float((lengths > 0).sum()), float(mask.shape[-1])
 
 
-def local_normalizers(
-    response_mask: torch.Tensor, *, max_length: int | None = None
-) -> LossNormalizers:
+def local_normalizers(response_mask: torch.Tensor, *, max_length: int | None = None) -> LossNormalizers:
     """The normalisers of one batch on its own (no micro-batching, no ranks)."""
     mask = check_mask("local_normalizers", "response_mask", response_mask)
     tokens, seqs, width = _counts(mask)
@@ -113,7 +111,11 @@ def reduce_normalizers(
     if not _distributed_active(process_group):
         return local
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(process_group) == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(process_group) == "nccl"
+            else torch.device("cpu")
+        )
     sums = torch.tensor([local.num_tokens, local.num_sequences], dtype=torch.float64, device=device)
     width = torch.tensor([local.max_length], dtype=torch.float64, device=device)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=process_group)

@@ -142,9 +142,7 @@ def ppo_clip_loss(
     return _finish(surrogate, clipped, mask)
 
 
-def _cispo_params(
-    where: str, eps_high: float, eps_low: float | None, max_log_ratio: float | None
-) -> dict:
+def _cispo_params(where: str, eps_high: float, eps_low: float | None, max_log_ratio: float | None) -> dict:
     return {
         "eps_high": check_range(where, "eps_high", eps_high, 0.0, None),
         "eps_low": None if eps_low is None else check_range(where, "eps_low", eps_low, 0.0, 1.0),

@@ -124,9 +124,7 @@ class _LogRatioModule(KeyedModule):
 
     def __init__(self, *, in_keys: KeyOverrides = None, out_keys: KeyOverrides = None) -> None:
         super().__init__()
-        self._setup_keys(
-            ("log_probs", "old_log_probs", "response_mask"), ("log_ratio",), in_keys, out_keys
-        )
+        self._setup_keys(("log_probs", "old_log_probs", "response_mask"), ("log_ratio",), in_keys, out_keys)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         td = self._check_td(tensordict)
@@ -140,9 +138,7 @@ class _LogRatioModule(KeyedModule):
 
 
 class TokenLogRatio(_LogRatioModule):
-    __doc__ = "Token-level weighter (GRPO/PPO): log_ratio = ℓ − ℓ^old.\n\n" + (
-        token_log_ratio.__doc__ or ""
-    )
+    __doc__ = "Token-level weighter (GRPO/PPO): log_ratio = ℓ − ℓ^old.\n\n" + (token_log_ratio.__doc__ or "")
     _fn = staticmethod(token_log_ratio)
 
 

@@ -237,7 +237,9 @@ def train(
                                       for k, v in metrics.items()}) + "\n")  # fmt: skip
                 log.flush()
             if bar is not None:
-                shown = {k: f"{metrics[k]:.3g}" for k in ("reward", "accuracy", "clip_fraction") if k in metrics}
+                shown = {
+                    k: f"{metrics[k]:.3g}" for k in ("reward", "accuracy", "clip_fraction") if k in metrics
+                }
                 bar.set_postfix(shown)
                 bar.update(1)
             if ckpt_dir is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:

@@ -227,7 +227,9 @@ class Objective(KeyedModule):
         self.kl_estimator = kl_estimator
         self.entropy_coef = check_range(where, "entropy_coef", entropy_coef, float("-inf"), None)
         self.max_length = (
-            None if max_length is None else int(check_range(where, "max_length", max_length, 0, None, low_inclusive=False))
+            None
+            if max_length is None
+            else int(check_range(where, "max_length", max_length, 0, None, low_inclusive=False))
         )
         self.sync_ranks = sync_ranks
         self.process_group = process_group

@@ -108,7 +108,9 @@ def response_log_probs(
             f"{where}: prompt_ids has {prompt_ids.shape[0]} rows but response_ids has {response_ids.shape[0]}"
         )
     if bool((prompt_mask.sum(-1) == 0).any()):
-        raise ValueError(f"{where}: every row needs at least one prompt token ('prompt_mask' has an empty row)")
+        raise ValueError(
+            f"{where}: every row needs at least one prompt token ('prompt_mask' has an empty row)"
+        )
     input_ids, attention, position_ids, predict_pos = _layout(
         prompt_ids, prompt_mask, response_ids, response_mask
     )
@@ -211,7 +213,10 @@ class Scorer(KeyedModule):
             if self.micro_batch_size is None:
                 lp, ent = self._score(td)
             else:
-                parts = [self._score(td[i : i + self.micro_batch_size]) for i in range(0, td.shape[0], self.micro_batch_size)]
+                parts = [
+                    self._score(td[i : i + self.micro_batch_size])
+                    for i in range(0, td.shape[0], self.micro_batch_size)
+                ]
                 lp = torch.cat([p[0] for p in parts])
                 ent = torch.cat([p[1] for p in parts]) if self.return_entropy else None
         td.set(self._out_map["log_probs"], lp)

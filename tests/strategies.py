@@ -97,9 +97,7 @@ def grouped_rewards(
     """(rewards [N], group_ids [N]): arbitrary integer ids in shuffled order, uneven group sizes,
     some zero-variance groups and some binary-reward groups."""
     num_groups = draw(st.integers(1, max_groups))
-    ids = draw(
-        st.lists(st.integers(-1000, 1000), min_size=num_groups, max_size=num_groups, unique=True)
-    )
+    ids = draw(st.lists(st.integers(-1000, 1000), min_size=num_groups, max_size=num_groups, unique=True))
     sizes = draw(st.lists(st.integers(1, max_group_size), min_size=num_groups, max_size=num_groups))
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)

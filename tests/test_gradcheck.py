@@ -126,7 +126,9 @@ def decision_ratios(level: str, batch: PolicyBatch) -> torch.Tensor:
 @settings(max_examples=EXAMPLES // 2)
 @given(batch=small_batches)
 def test_gradcheck_log_ratios(which: str, batch: PolicyBatch) -> None:
-    fn = {"token": token_log_ratio, "sequence": sequence_log_ratio, "sequence-mean": sequence_mean_log_ratio}[which]
+    fn = {"token": token_log_ratio, "sequence": sequence_log_ratio, "sequence-mean": sequence_mean_log_ratio}[
+        which
+    ]
 
     def f(x: torch.Tensor) -> torch.Tensor:
         return fn(x, batch.old_log_probs, batch.mask)
@@ -144,7 +146,9 @@ def test_gradcheck_sequence_token_log_ratio(batch: PolicyBatch) -> None:
     x = leaf(batch.log_probs)
     out = sequence_token_log_ratio(x, batch.old_log_probs, batch.mask)
     n, width = batch.mask.shape
-    jac = torch.stack([torch.autograd.grad(out.flatten()[k], x, retain_graph=True)[0].flatten() for k in range(n * width)])
+    jac = torch.stack(
+        [torch.autograd.grad(out.flatten()[k], x, retain_graph=True)[0].flatten() for k in range(n * width)]
+    )
     want = torch.diag(batch.mask.flatten().to(F64))
     assert torch.equal(jac, want), "∂ log s_{i,t} / ∂ℓ_{j,u} must be δ_ij δ_tu on valid tokens, 0 elsewhere"
 
@@ -155,8 +159,13 @@ def test_gradcheck_sequence_token_log_ratio(batch: PolicyBatch) -> None:
 
 
 @settings(max_examples=EXAMPLES)
-@given(batch=small_batches, eps_low=st.floats(0.0, 0.95), eps_high=st.floats(0.0, 5.0),
-       dual_clip=st.one_of(st.none(), st.floats(1.1, 10.0)), token_adv=st.booleans())
+@given(
+    batch=small_batches,
+    eps_low=st.floats(0.0, 0.95),
+    eps_high=st.floats(0.0, 5.0),
+    dual_clip=st.one_of(st.none(), st.floats(1.1, 10.0)),
+    token_adv=st.booleans(),
+)
 def test_gradcheck_ppo_clip_loss(
     batch: PolicyBatch, eps_low: float, eps_high: float, dual_clip: float | None, token_adv: bool
 ) -> None:
@@ -171,9 +180,15 @@ def test_gradcheck_ppo_clip_loss(
 
 
 @settings(max_examples=EXAMPLES)
-@given(batch=small_batches, eps_high=st.floats(0.0, 3.0), eps_low=st.one_of(st.none(), st.floats(0.0, 0.95)),
-       token_adv=st.booleans())
-def test_gradcheck_cispo_loss(batch: PolicyBatch, eps_high: float, eps_low: float | None, token_adv: bool) -> None:
+@given(
+    batch=small_batches,
+    eps_high=st.floats(0.0, 3.0),
+    eps_low=st.one_of(st.none(), st.floats(0.0, 0.95)),
+    token_adv=st.booleans(),
+)
+def test_gradcheck_cispo_loss(
+    batch: PolicyBatch, eps_high: float, eps_low: float | None, token_adv: bool
+) -> None:
     w = torch.exp(batch.log_probs - batch.old_log_probs)
     kinks = [1 + eps_high] + ([] if eps_low is None else [1 - eps_low])
     assume(away_from(w[batch.mask], kinks))
@@ -184,14 +199,20 @@ def test_gradcheck_cispo_loss(batch: PolicyBatch, eps_high: float, eps_low: floa
     adv = batch.token_advantages if token_adv else batch.advantages
 
     def f(lr: torch.Tensor) -> torch.Tensor:  # truncated tokens held constant (see docstring)
-        return cispo_loss(torch.where(free, lr, lr.detach()), adv, batch.mask, eps_high=eps_high, eps_low=eps_low)[0]
+        return cispo_loss(
+            torch.where(free, lr, lr.detach()), adv, batch.mask, eps_high=eps_high, eps_low=eps_low
+        )[0]
 
     check(f, leaf(valid_log_ratio(batch)))
 
 
 @settings(max_examples=EXAMPLES)
-@given(batch=small_batches, tau_pos=st.floats(0.05, 10.0), tau_neg=st.floats(0.05, 10.0), token_adv=st.booleans())
-def test_gradcheck_sapo_and_unclipped_loss(batch: PolicyBatch, tau_pos: float, tau_neg: float, token_adv: bool) -> None:
+@given(
+    batch=small_batches, tau_pos=st.floats(0.05, 10.0), tau_neg=st.floats(0.05, 10.0), token_adv=st.booleans()
+)
+def test_gradcheck_sapo_and_unclipped_loss(
+    batch: PolicyBatch, tau_pos: float, tau_neg: float, token_adv: bool
+) -> None:
     adv = batch.token_advantages if token_adv else batch.advantages
 
     def sapo(lr: torch.Tensor) -> torch.Tensor:
@@ -235,17 +256,30 @@ def test_gradcheck_aggregate(batch: PolicyBatch, max_length: int | None) -> None
 
 
 @settings(max_examples=EXAMPLES)
-@given(batch=small_batches, aggregation=st.sampled_from(AGGREGATIONS), kl_coef=st.floats(0.0, 2.0),
-       entropy_coef=st.floats(-1.0, 1.0), with_is=st.booleans())
+@given(
+    batch=small_batches,
+    aggregation=st.sampled_from(AGGREGATIONS),
+    kl_coef=st.floats(0.0, 2.0),
+    entropy_coef=st.floats(-1.0, 1.0),
+    with_is=st.booleans(),
+)
 def test_gradcheck_objective_loss(
     batch: PolicyBatch, aggregation: str, kl_coef: float, entropy_coef: float, with_is: bool
 ) -> None:
-    is_weights = torch.where(batch.mask, torch.exp(-batch.old_log_probs.abs() / 10), torch.full((), batch.garbage, dtype=F64))
+    is_weights = torch.where(
+        batch.mask, torch.exp(-batch.old_log_probs.abs() / 10), torch.full((), batch.garbage, dtype=F64)
+    )
 
     def f(token_loss: torch.Tensor, kl: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
         return objective_loss(
-            token_loss, batch.mask, aggregation=aggregation, is_weights=is_weights if with_is else None,
-            kl=kl, kl_coef=kl_coef, entropy=entropy, entropy_coef=entropy_coef,
+            token_loss,
+            batch.mask,
+            aggregation=aggregation,
+            is_weights=is_weights if with_is else None,
+            kl=kl,
+            kl_coef=kl_coef,
+            entropy=entropy,
+            entropy_coef=entropy_coef,
         )[0]
 
     check(f, leaf(batch.token_advantages), leaf(batch.log_probs), leaf(batch.old_log_probs))
@@ -266,8 +300,20 @@ RECIPES: dict[str, tuple[str, list[float], Callable[[], Recipe]]] = {
     "dapo": ("token", [0.8, 1.28], dapo),
     # ε_high = 30 > e^3 − 1: no token is truncated, so the gradient is the value's derivative
     "cispo": ("token", [31.0], lambda: cispo(eps_high=30.0)),
-    "sapo": ("token", [], lambda: Recipe("sapo", GroupNormalizedAdvantage(), PolicyLoss(TokenLogRatio(), SAPOGate(), Objective()))),
-    "sapo_seq": ("sequence", [], lambda: Recipe("sapo_seq", GroupNormalizedAdvantage(), PolicyLoss(SequenceLogRatio(), SAPOGate(), Objective()))),
+    "sapo": (
+        "token",
+        [],
+        lambda: Recipe(
+            "sapo", GroupNormalizedAdvantage(), PolicyLoss(TokenLogRatio(), SAPOGate(), Objective())
+        ),
+    ),
+    "sapo_seq": (
+        "sequence",
+        [],
+        lambda: Recipe(
+            "sapo_seq", GroupNormalizedAdvantage(), PolicyLoss(SequenceLogRatio(), SAPOGate(), Objective())
+        ),
+    ),
 }
 
 
@@ -286,8 +332,13 @@ def test_gradcheck_recipe_losses(name: str, batch: PolicyBatch) -> None:
 
     def f(x: torch.Tensor) -> torch.Tensor:
         td = TensorDict(
-            {"log_probs": x, "old_log_probs": batch.old_log_probs, "advantages": adv,
-             "response_mask": batch.mask, "ref_log_probs": ref},
+            {
+                "log_probs": x,
+                "old_log_probs": batch.old_log_probs,
+                "advantages": adv,
+                "response_mask": batch.mask,
+                "ref_log_probs": ref,
+            },
             batch_size=[batch.n],
         )
         return recipe.loss(td)["loss"]

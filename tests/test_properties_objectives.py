@@ -78,7 +78,6 @@ MAX_LOG_RATIO = 20.0  # the clippers' default clamp of log r (as in verl)
 EDGE_MARGIN = 1e-9  # relative distance of a float64 ratio from a clip edge (rounding is ~1e-13)
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
     """The tensors here are tiny; with 2 threads on a loaded 2-core machine, float64 ``exp`` goes
@@ -119,7 +118,9 @@ class Ref:
     seq_ratio: torch.Tensor  # [N] s_i
 
 
-def _surrogate(spec: Spec, r: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _surrogate(
+    spec: Spec, r: torch.Tensor, a: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token J_t, ∂J_t/∂log r_t, and the clip flag, from the formulas."""
     if spec.clipper == "ppo":
         assert spec.eps_low is not None
@@ -253,7 +254,14 @@ DEFAULTS: dict[str, tuple[str, str, float | None, float, str]] = {
     "sapo": ("token", "sapo", None, 0.0, "seq-mean-token-mean"),
     "sapo_seq": ("sequence", "sapo", None, 0.0, "seq-mean-token-mean"),
 }
-FACTORIES = {"grpo": grpo, "gspo": gspo, "gspo_token": gspo_token, "dr_grpo": dr_grpo, "dapo": dapo, "cispo": cispo}
+FACTORIES = {
+    "grpo": grpo,
+    "gspo": gspo,
+    "gspo_token": gspo_token,
+    "dr_grpo": dr_grpo,
+    "dapo": dapo,
+    "cispo": cispo,
+}
 ALL_RECIPES = tuple(DEFAULTS)
 PER_CASE = settings(max_examples=50)  # for tests parametrized over cases: 50 examples per case
 AGGREGATION_NAMES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -352,8 +360,13 @@ taus = st.tuples(st.floats(0.05, 10.0), st.floats(0.05, 10.0))
 
 @pytest.mark.parametrize("case", [*ALL_RECIPES, "gspo_token[N,T]", "grpo+kl", "gspo+kl"])
 @PER_CASE
-@given(batch=policy_batches(), eps=st.one_of(st.none(), eps_pairs), kl_coef=st.floats(0.01, 2.0),
-       ref_shift=st.floats(-3.0, 3.0), taus=taus)
+@given(
+    batch=policy_batches(),
+    eps=st.one_of(st.none(), eps_pairs),
+    kl_coef=st.floats(0.01, 2.0),
+    ref_shift=st.floats(-3.0, 3.0),
+    taus=taus,
+)
 def test_recipes_match_reference(
     case: str,
     batch: PolicyBatch,
@@ -371,10 +384,14 @@ def test_recipes_match_reference(
         eps = None
     recipe, spec = build(name, eps=eps, kl_coef=kl_coef, taus=taus)
     adv = batch.token_advantages if case.endswith("[N,T]") else batch.advantages
-    ref_lp = torch.where(batch.mask, batch.log_probs + ref_shift * torch.sin(batch.log_probs), batch.log_probs)
+    ref_lp = torch.where(
+        batch.mask, batch.log_probs + ref_shift * torch.sin(batch.log_probs), batch.log_probs
+    )
     expected = reference(spec, batch.log_probs, batch.old_log_probs, adv, batch.mask, ref_lp)
     assume(far_from_edges(expected, spec, batch.mask))
-    loss, grad, _ = run(recipe, batch.log_probs, batch.old_log_probs, adv, batch.mask, ref_lp if kl_coef else None)
+    loss, grad, _ = run(
+        recipe, batch.log_probs, batch.old_log_probs, adv, batch.mask, ref_lp if kl_coef else None
+    )
     assert loss.dtype == F64
     assert_close(loss, expected.loss, expected.loss_scale, f"{name} loss")
     assert_close(grad, expected.grad, expected.grad_scale, f"{name} grad")
@@ -418,7 +435,10 @@ def test_gspo_token_equals_gspo_pure_functions(batch: PolicyBatch, eps: tuple[fl
     expected = reference(spec, batch.log_probs, batch.old_log_probs, batch.advantages, batch.mask)
     assume(far_from_edges(expected, spec, batch.mask))
     results = []
-    for ratio_fn, adv in ((sequence_log_ratio, batch.advantages), (sequence_token_log_ratio, row_advantages(batch))):
+    for ratio_fn, adv in (
+        (sequence_log_ratio, batch.advantages),
+        (sequence_token_log_ratio, row_advantages(batch)),
+    ):
         x = batch.log_probs.clone().requires_grad_(True)
         log_ratio = ratio_fn(x, batch.old_log_probs, batch.mask)
         token_loss, clipped = ppo_clip_loss(log_ratio, adv, batch.mask, eps_low=eps_low, eps_high=eps_high)
@@ -453,7 +473,9 @@ def test_on_policy_gradient_is_the_policy_gradient(
         name, adv = "gspo_token", batch.token_advantages
     if name == "cispo" and not cispo_low:
         eps = (None, eps[1])
-    recipe, _ = build(name, eps=None if name.startswith("sapo") else eps, aggregation="seq-mean-token-mean", taus=taus)
+    recipe, _ = build(
+        name, eps=None if name.startswith("sapo") else eps, aggregation="seq-mean-token-mean", taus=taus
+    )
     loss, grad, out = run(recipe, batch.log_probs, None, adv, batch.mask)
     g = batch.n
     lengths = batch.lengths.to(F64).unsqueeze(-1)
@@ -463,7 +485,11 @@ def test_on_policy_gradient_is_the_policy_gradient(
     assert torch.equal(grad[~batch.mask], torch.zeros_like(grad[~batch.mask]))
     assert float(out["clip_fraction"]) == 0.0, "nothing is clipped on-policy, whatever the clip range"
     if not name.startswith("sapo"):  # on-policy J_t = Â (SAPO's gate value is (2/τ)·Â instead)
-        terms = [-float(a) / (g * int(n)) for row, n in zip(adv_t, batch.lengths, strict=True) for a in row[: int(n)]]
+        terms = [
+            -float(a) / (g * int(n))
+            for row, n in zip(adv_t, batch.lengths, strict=True)
+            for a in row[: int(n)]
+        ]
         assert_close(loss, math.fsum(terms), math.fsum(abs(t) for t in terms), f"on-policy {name} loss")
 
 
@@ -477,7 +503,9 @@ def _check_grpo_equals_gspo(batch: PolicyBatch, eps: tuple[float, float]) -> Non
     r_gspo, spec_gspo = build("gspo", eps=eps)
     ref_grpo = reference(spec_grpo, batch.log_probs, batch.old_log_probs, batch.advantages, batch.mask)
     ref_gspo = reference(spec_gspo, batch.log_probs, batch.old_log_probs, batch.advantages, batch.mask)
-    assume(far_from_edges(ref_grpo, spec_grpo, batch.mask) and far_from_edges(ref_gspo, spec_gspo, batch.mask))
+    assume(
+        far_from_edges(ref_grpo, spec_grpo, batch.mask) and far_from_edges(ref_gspo, spec_gspo, batch.mask)
+    )
     loss_a, grad_a, _ = run(r_grpo, batch.log_probs, batch.old_log_probs, batch.advantages, batch.mask)
     loss_b, grad_b, _ = run(r_gspo, batch.log_probs, batch.old_log_probs, batch.advantages, batch.mask)
     assert_close(loss_a, loss_b, ref_gspo.loss_scale, "GRPO loss vs GSPO loss")
@@ -488,7 +516,9 @@ def _check_grpo_equals_gspo(batch: PolicyBatch, eps: tuple[float, float]) -> Non
 
 
 @given(batch=policy_batches(per_sequence_shift=True), eps=eps_pairs)
-def test_grpo_equals_gspo_with_constant_ratio_per_sequence(batch: PolicyBatch, eps: tuple[float, float]) -> None:
+def test_grpo_equals_gspo_with_constant_ratio_per_sequence(
+    batch: PolicyBatch, eps: tuple[float, float]
+) -> None:
     _check_grpo_equals_gspo(batch, eps)
 
 
@@ -503,7 +533,9 @@ def test_grpo_equals_gspo_with_length_one_responses(batch: PolicyBatch, eps: tup
 
 
 @given(batch=policy_batches(), eps=st.one_of(st.none(), eps_pairs))
-def test_gspo_clipped_rows_have_exactly_zero_gradient(batch: PolicyBatch, eps: tuple[float, float] | None) -> None:
+def test_gspo_clipped_rows_have_exactly_zero_gradient(
+    batch: PolicyBatch, eps: tuple[float, float] | None
+) -> None:
     recipe, spec = build("gspo", eps=eps)
     expected = reference(spec, batch.log_probs, batch.old_log_probs, batch.advantages, batch.mask)
     assume(far_from_edges(expected, spec, batch.mask))
@@ -512,16 +544,24 @@ def test_gspo_clipped_rows_have_exactly_zero_gradient(batch: PolicyBatch, eps: t
     for i in range(batch.n):
         m = batch.mask[i]
         row_clipped = bool(expected.clipped[i, 0])  # C_i, the reference's decision
-        assert bool((clipped[i][m] == row_clipped).all()), f"row {i}: a sequence is clipped whole or not at all"
+        assert bool((clipped[i][m] == row_clipped).all()), (
+            f"row {i}: a sequence is clipped whole or not at all"
+        )
         if row_clipped or float(batch.advantages[i]) == 0.0:
-            assert torch.equal(grad[i], torch.zeros_like(grad[i])), f"row {i}: clipped, gradient must be exactly 0"
+            assert torch.equal(grad[i], torch.zeros_like(grad[i])), (
+                f"row {i}: clipped, gradient must be exactly 0"
+            )
         else:
-            assert bool((grad[i][m] != 0).all()), f"row {i}: unclipped with Â≠0 needs a gradient on every token"
+            assert bool((grad[i][m] != 0).all()), (
+                f"row {i}: unclipped with Â≠0 needs a gradient on every token"
+            )
     assert_close(grad, expected.grad, expected.grad_scale, "GSPO grad vs reference")
 
 
 @given(batch=policy_batches(), eps=st.one_of(st.none(), eps_pairs))
-def test_gspo_wrong_side_rows_keep_their_gradient(batch: PolicyBatch, eps: tuple[float, float] | None) -> None:
+def test_gspo_wrong_side_rows_keep_their_gradient(
+    batch: PolicyBatch, eps: tuple[float, float] | None
+) -> None:
     """Give each row the advantage sign that makes its ratio 'wrong side' (Â>0 with s<1, Â<0 with
     s>1): min(sÂ, clip(s)Â) then picks sÂ, so no row is clipped, even far outside the band."""
     recipe, spec = build("gspo", eps=eps)
@@ -555,11 +595,21 @@ def _exact_log(target: float, shape: tuple[int, int]) -> float:
 @pytest.mark.parametrize("side", ["high", "low"])
 @pytest.mark.parametrize("beyond", [False, True])
 @PER_CASE
-@given(batch=policy_batches(max_n=4, max_len=16), eps_low=st.one_of(st.sampled_from([0.0, 3e-4, 0.2]), st.floats(0.0, 0.45)),
-       eps_high=st.one_of(st.sampled_from([0.0, 4e-4, 0.2, 0.28]), st.floats(0.0, 0.5)),
-       log2_len=st.integers(0, 6), adv_mag=st.floats(0.01, 10.0))
+@given(
+    batch=policy_batches(max_n=4, max_len=16),
+    eps_low=st.one_of(st.sampled_from([0.0, 3e-4, 0.2]), st.floats(0.0, 0.45)),
+    eps_high=st.one_of(st.sampled_from([0.0, 4e-4, 0.2, 0.28]), st.floats(0.0, 0.5)),
+    log2_len=st.integers(0, 6),
+    adv_mag=st.floats(0.01, 10.0),
+)
 def test_clip_edges_are_strict(
-    side: str, beyond: bool, batch: PolicyBatch, eps_low: float, eps_high: float, log2_len: int, adv_mag: float
+    side: str,
+    beyond: bool,
+    batch: PolicyBatch,
+    eps_low: float,
+    eps_high: float,
+    log2_len: int,
+    adv_mag: float,
 ) -> None:
     """A ratio exactly at 1+ε_high with Â>0 (or at 1−ε_low with Â<0) is NOT clipped; the next float
     beyond the edge is. Row 0 is built so that its geometric mean is the edge exactly: its token
@@ -579,17 +629,21 @@ def test_clip_edges_are_strict(
     pad = [batch.garbage] * (width - length)
     lp = widen(batch.log_probs, [length * x] + [0.0] * (length - 1) + pad, batch.garbage)
     old = widen(batch.old_log_probs, [0.0] * length + pad, batch.garbage)
-    mask = torch.cat([
-        (torch.arange(width) < length).unsqueeze(0),
-        torch.cat([batch.mask, torch.zeros(batch.n, width - batch.mask.shape[1], dtype=torch.bool)], 1),
-    ])
+    mask = torch.cat(
+        [
+            (torch.arange(width) < length).unsqueeze(0),
+            torch.cat([batch.mask, torch.zeros(batch.n, width - batch.mask.shape[1], dtype=torch.bool)], 1),
+        ]
+    )
     adv = torch.cat([torch.tensor([sign * adv_mag], dtype=F64), batch.advantages])
     recipe, _ = build("gspo", eps=(eps_low, eps_high))
     assert float(sequence_mean_log_ratio(lp, old, mask)[0]) == x, "row 0's mean log-ratio must be x exactly"
     _, grad, _ = run(recipe, lp, old, adv, mask)
     with torch.no_grad():
         clipped = recipe.loss.clipper(recipe.loss.weighter(make_td(lp, old, adv, mask)))["clipped"]
-    assert bool((clipped[0, :length] == beyond).all()), f"s = {target!r} at edge {edge!r}: clipped must be {beyond}"
+    assert bool((clipped[0, :length] == beyond).all()), (
+        f"s = {target!r} at edge {edge!r}: clipped must be {beyond}"
+    )
     if beyond:
         assert torch.equal(grad[0], torch.zeros_like(grad[0]))
     else:  # ∂loss/∂ℓ_{0,t} = −Â s / (G L), not 0
@@ -631,8 +685,12 @@ def test_gspo_unclipped_row_gradient_is_uniform(batch: PolicyBatch, eps: tuple[f
 @pytest.mark.parametrize("name", ["gspo", "gspo_token"])
 @pytest.mark.parametrize("how", ["permute", "zero-sum"])
 @PER_CASE
-@given(batch=policy_batches(), eps=st.one_of(st.none(), eps_pairs), seed=st.integers(0, 2**31 - 1),
-       size=st.sampled_from([1e-3, 1.0, 10.0]))
+@given(
+    batch=policy_batches(),
+    eps=st.one_of(st.none(), eps_pairs),
+    seed=st.integers(0, 2**31 - 1),
+    size=st.sampled_from([1e-3, 1.0, 10.0]),
+)
 def test_gspo_depends_on_old_log_probs_only_through_row_sum(
     name: str, how: str, batch: PolicyBatch, eps: tuple[float, float] | None, seed: int, size: float
 ) -> None:
@@ -706,8 +764,14 @@ def test_padding_never_matters(name: str, batch: PolicyBatch, garbage: tuple[flo
     lp, old = fill(batch.log_probs, 0.0), fill(batch.old_log_probs, 0.0)
     clean = run(recipe, lp, old, adv, m, ref_lp if kl_coef else None)
     dirty_adv = fill(adv, garbage[3]) if adv.dim() == 2 else adv
-    dirty = run(recipe, fill(lp, garbage[0]), fill(old, garbage[1]), dirty_adv, m,
-                fill(ref_lp, garbage[2]) if kl_coef else None)
+    dirty = run(
+        recipe,
+        fill(lp, garbage[0]),
+        fill(old, garbage[1]),
+        dirty_adv,
+        m,
+        fill(ref_lp, garbage[2]) if kl_coef else None,
+    )
     for out in (clean, dirty):
         assert bool(torch.isfinite(out[0])) and bool(torch.isfinite(out[1]).all())
         assert torch.equal(out[1][~m], torch.zeros_like(out[1][~m])), "gradient at padding must be exactly 0"
@@ -727,17 +791,28 @@ REWARD_VALUES = (0.0, 1.0, 0.1, -2.5, 1.0 / 3.0, 1e6, -7.3e-5, 123456.789)
 @pytest.mark.parametrize("name", ALL_RECIPES)
 @PER_CASE
 @given(batch=policy_batches(), data=st.data())
-def test_constant_group_rewards_give_exactly_zero_gradient(name: str, batch: PolicyBatch, data: st.DataObject) -> None:
-    ids = data.draw(st.lists(st.integers(-1000, 1000), min_size=1, max_size=batch.n, unique=True), label="ids")
-    group_ids = torch.tensor(data.draw(st.lists(st.sampled_from(ids), min_size=batch.n, max_size=batch.n), label="groups"))
-    values = {g: data.draw(st.one_of(st.sampled_from(REWARD_VALUES), st.floats(-1e6, 1e6)), label=f"r{g}") for g in ids}
+def test_constant_group_rewards_give_exactly_zero_gradient(
+    name: str, batch: PolicyBatch, data: st.DataObject
+) -> None:
+    ids = data.draw(
+        st.lists(st.integers(-1000, 1000), min_size=1, max_size=batch.n, unique=True), label="ids"
+    )
+    group_ids = torch.tensor(
+        data.draw(st.lists(st.sampled_from(ids), min_size=batch.n, max_size=batch.n), label="groups")
+    )
+    values = {
+        g: data.draw(st.one_of(st.sampled_from(REWARD_VALUES), st.floats(-1e6, 1e6)), label=f"r{g}")
+        for g in ids
+    }
     rewards = torch.tensor([values[int(g)] for g in group_ids], dtype=F64)
     recipe, _ = build(name)
     td = recipe.advantage(TensorDict({"rewards": rewards, "group_ids": group_ids}, batch_size=[batch.n]))
     adv = td["advantages"]
     assert torch.equal(adv, torch.zeros_like(adv)), "a constant group's advantage must be exactly 0"
     loss, grad, _ = run(recipe, batch.log_probs, batch.old_log_probs, adv, batch.mask)
-    assert torch.equal(grad, torch.zeros_like(grad)), f"{name}: constant groups must give exactly zero gradient"
+    assert torch.equal(grad, torch.zeros_like(grad)), (
+        f"{name}: constant groups must give exactly zero gradient"
+    )
     assert float(loss) == 0.0
 
 
@@ -748,8 +823,11 @@ def test_constant_group_rewards_give_exactly_zero_gradient(name: str, batch: Pol
 
 @pytest.mark.parametrize("name", [*ALL_RECIPES, "gspo_token[N,T]"])
 @PER_CASE
-@given(batch=policy_batches(), c=st.one_of(st.sampled_from([0.5, 2.0, 1e-3, 1e3]), st.floats(1e-4, 1e4)),
-       eps=st.one_of(st.none(), eps_pairs))
+@given(
+    batch=policy_batches(),
+    c=st.one_of(st.sampled_from([0.5, 2.0, 1e-3, 1e3]), st.floats(1e-4, 1e4)),
+    eps=st.one_of(st.none(), eps_pairs),
+)
 def test_gradient_is_linear_in_advantage_scale(
     name: str, batch: PolicyBatch, c: float, eps: tuple[float, float] | None
 ) -> None:
@@ -811,7 +889,9 @@ def test_half_precision_inputs_compute_in_float32(
     near = (got - want).abs() <= 2 * info.eps * want.abs() + info.tiny * info.eps
     assert bool((overflow | near).all()), "half-input gradient vs float64 reference"
     assert torch.equal(clip_mask(recipe, batch, adv), expected.clipped), "clip decisions differ from float64"
-    assert_close(loss, expected.loss, expected.loss_scale, "half-input loss vs float64", rtol=1e-5, atol_rel=1e-6)
+    assert_close(
+        loss, expected.loss, expected.loss_scale, "half-input loss vs float64", rtol=1e-5, atol_rel=1e-6
+    )
     assert out["clip_fraction"].dtype == torch.float32
 
 

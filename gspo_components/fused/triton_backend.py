@@ -115,9 +115,24 @@ def _forward_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < vocab
         z = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, width,
-            stride_hm, stride_hk, stride_wv, stride_wk, temperature,
-            HAS_BIAS, DOT_MODE, BLOCK_M, BLOCK_V, BLOCK_K,
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+            width,
+            stride_hm,
+            stride_hk,
+            stride_wv,
+            stride_wk,
+            temperature,
+            HAS_BIAS,
+            DOT_MODE,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_K,
         )
         z = tl.where(col_ok[None, :], z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -169,9 +184,24 @@ def _grad_logits_kernel(
     row_ok = rows < num_rows
     col_ok = cols < vocab
     z = _logits_tile(
-        h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, width,
-        stride_hm, stride_hk, stride_wv, stride_wk, temperature,
-        HAS_BIAS, DOT_MODE, BLOCK_M, BLOCK_V, BLOCK_K,
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        rows,
+        cols,
+        row_ok,
+        col_ok,
+        width,
+        stride_hm,
+        stride_hk,
+        stride_wv,
+        stride_wk,
+        temperature,
+        HAS_BIAS,
+        DOT_MODE,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_K,
     )
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
