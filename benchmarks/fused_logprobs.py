@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_description
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -187,16 +189,7 @@ def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        info["cpu"] = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    import os
-
+    info["cpu"] = cpu_description()
     info["cpu_count"] = os.cpu_count()
     return info
 

@@ -33,22 +33,14 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_description
 
 ALPHABET = "0123456789+-*=(). "
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    info: dict[str, str] = {}
-    if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    cpu = info.get("model name", platform.processor() or "unknown")
-    if "cpu family" in info:  # e.g. AMD family 25 model 17 = Zen 4 (EPYC 9004 "Genoa")
-        cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
-    if "avx512_bf16" in info.get("flags", "").split():
-        cpu += ", AVX-512 BF16"
+    cpu = cpu_description()
     import vllm
 
     return {
