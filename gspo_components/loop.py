@@ -13,7 +13,10 @@ Each step:
 
 It logs reward, accuracy, clip fractions, KL, ratio statistics and tokens/s to a JSON-lines file
 and a progress bar, and saves / resumes checkpoints (policy, optimizer, learning-rate scheduler,
-step, history, RNG). An optional ``lr_scheduler`` is stepped once per RL step, after the updates.
+sampler state, step, history, RNG). An optional ``lr_scheduler`` is stepped once per RL step,
+after the updates. The sampler's state (its seed generator, when the sampler has
+``state_dict``/``load_state_dict``) is checkpointed too, so a resume with a sampler rebuilt
+with the same ``seed`` draws the same samples as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ __all__ = ["PromptBatch", "RLConfig", "Sampler", "train"]
 
 
 class Sampler(Protocol):
+    """What the loop needs of a sampler. ``state_dict()`` / ``load_state_dict()`` are optional:
+    when present, the sampler's state is saved with each checkpoint and restored on resume."""
+
     def __call__(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> TensorDictBase: ...
 
     def sync_weights(self, model: torch.nn.Module) -> None: ...
@@ -88,6 +94,7 @@ def _save(
     policy: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: LRScheduler | None,
+    sampler: Sampler,
     step: int,
     history: list,
 ) -> None:
@@ -98,6 +105,7 @@ def _save(
             "policy": policy.state_dict(),
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+            "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None,
             "step": step,
             "history": history,
             "rng": torch.get_rng_state(),
@@ -108,7 +116,11 @@ def _save(
 
 
 def _load(
-    path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: LRScheduler | None
+    path: Path,
+    policy: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: LRScheduler | None,
+    sampler: Sampler,
 ) -> tuple[int, list]:
     ckpt = torch.load(path / "checkpoint.pt", weights_only=False)
     policy.load_state_dict(ckpt["policy"])
@@ -119,6 +131,8 @@ def _load(
                 f"checkpoint {path / 'checkpoint.pt'} has no lr_scheduler state, but train() was given one"
             )
         lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if ckpt.get("sampler") is not None and hasattr(sampler, "load_state_dict"):
+        sampler.load_state_dict(ckpt["sampler"])
     torch.set_rng_state(ckpt["rng"])
     return int(ckpt["step"]), list(ckpt["history"])
 
@@ -154,7 +168,7 @@ def train(
     start, history = 0, []
     ckpt_dir = config.checkpoint_dir
     if ckpt_dir is not None and (ckpt_dir / "checkpoint.pt").exists():
-        start, history = _load(ckpt_dir, policy, optimizer, lr_scheduler)
+        start, history = _load(ckpt_dir, policy, optimizer, lr_scheduler, sampler)
         sampler.sync_weights(policy)
     if start == 0:
         torch.manual_seed(config.seed)  # on resume, the checkpoint's RNG state continues instead
@@ -243,7 +257,7 @@ def train(
                 bar.set_postfix(shown)
                 bar.update(1)
             if ckpt_dir is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                _save(ckpt_dir, policy, optimizer, lr_scheduler, step + 1, history)
+                _save(ckpt_dir, policy, optimizer, lr_scheduler, sampler, step + 1, history)
     finally:
         if bar is not None:
             bar.close()

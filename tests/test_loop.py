@@ -275,20 +275,26 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [v for i in sorted(state) for _, v in sorted(state[i].items()) if isinstance(v, torch.Tensor)]
 
 
-@pytest.mark.parametrize("sampling", ["global-rng-sampler-rebuilt", "seeded-sampler-kept"])
+@pytest.mark.parametrize(
+    "sampling", ["global-rng-sampler-rebuilt", "seeded-sampler-kept", "seeded-sampler-rebuilt"]
+)
 def test_resume_from_checkpoint_is_identical(model_dir: Path, tmp_path: Path, sampling: str) -> None:
-    kept = sampling == "seeded-sampler-kept"
+    seeded = sampling.startswith("seeded")
 
     # 3 steps in one go.
-    sampler_a = path_sampler(model_dir) if kept else None
+    sampler_a = path_sampler(model_dir) if seeded else None
     policy_a, opt_a, history_a = run_resumable(model_dir, tmp_path / "a", 3, sampler_a, tmp_path / "a.jsonl")
 
     # 2 steps, then a fresh policy and optimizer resume from the checkpoint to step 3.
-    sampler_b = path_sampler(model_dir) if kept else None
+    sampler_b = path_sampler(model_dir) if seeded else None
     _, _, history_b2 = run_resumable(model_dir, tmp_path / "b", 2, sampler_b, tmp_path / "b.jsonl")
     assert len(history_b2) == 2
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 2
     torch.manual_seed(987654321)  # a new process: whatever global RNG state; the checkpoint restores it
+    if sampling == "seeded-sampler-rebuilt":
+        # ... and a new sampler with the same seed, whose seed generator starts over; the
+        # checkpoint's sampler state puts it where the interrupted run left it.
+        sampler_b = path_sampler(model_dir)
     policy_b, opt_b, history_b = run_resumable(model_dir, tmp_path / "b", 3, sampler_b, tmp_path / "b.jsonl")
 
     assert len(history_a) == len(history_b) == 3
@@ -309,6 +315,30 @@ def test_resume_from_checkpoint_is_identical(model_dir: Path, tmp_path: Path, sa
     moments_a, moments_b = optimizer_tensors(opt_a), optimizer_tensors(opt_b)
     assert len(moments_a) == len(moments_b) > 0
     assert all(torch.equal(x, y) for x, y in zip(moments_a, moments_b, strict=True))
+
+
+def test_sampler_state_round_trip_and_mismatch(model_dir: Path) -> None:
+    seeded, other, unseeded = path_sampler(model_dir), path_sampler(model_dir), load_unseeded(model_dir)
+    seeded(["1+2="])  # advance the generator past its initial state
+    other.load_state_dict(seeded.state_dict())
+    assert torch.equal(other.state_dict()["rng"], seeded.state_dict()["rng"])
+    a, b = seeded(["3+4=", "5+6="]), other(["3+4=", "5+6="])
+    assert torch.equal(a["response_ids"], b["response_ids"])
+    assert unseeded.state_dict() == {"rng": None}
+    with pytest.raises(ValueError, match=r"TransformersSampler.load_state_dict: this sampler is seeded"):
+        seeded.load_state_dict(unseeded.state_dict())
+    with pytest.raises(
+        ValueError, match=r"this sampler is unseeded \(seed=None\), but the state is a seeded"
+    ):
+        unseeded.load_state_dict(seeded.state_dict())
+    with pytest.raises(ValueError, match=r"expected a dict with key 'rng'"):
+        seeded.load_state_dict({})
+    with pytest.raises(ValueError, match=r"'rng' must be a torch.uint8 generator state, got int"):
+        seeded.load_state_dict({"rng": 3})
+
+
+def load_unseeded(model_dir: Path) -> TransformersSampler:
+    return TransformersSampler(str(model_dir), n=GROUP, max_tokens=MAX_TOKENS, seed=None, dtype="float32")
 
 
 # --------------------------------------------------------------------------------------------

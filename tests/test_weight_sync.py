@@ -135,3 +135,47 @@ def test_transformers_sampler_sync(model_dir, policy):
     for (name, a), b in zip(other.model.state_dict().items(), policy.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert _max_gap(policy, other(PROMPTS)) < LOGPROB_ATOL
+
+
+def test_resume_with_a_rebuilt_seeded_engine_sampler_is_identical(model_dir, sampler, tmp_path):
+    """The loop checkpoints the sampler's seed generator. A run stopped after 2 steps and resumed
+    with the generator where a newly built ``VLLMSampler(seed=0)`` has it reproduces step 3 of an
+    uninterrupted run: the engine's samples, every logged metric, and the weights."""
+    from transformers import AutoModelForCausalLM
+
+    import gspo_components as gc
+    from gspo_components.loop import PromptBatch, RLConfig, train
+    from gspo_components.rewards import FormatReward
+
+    timing_keys = {"seconds", "tokens_per_s", "sample_tokens_per_s"}
+    as_new = {"rng": torch.Generator().manual_seed(0).get_state()}  # a rebuilt sampler's state
+
+    def run(ckpt, steps):
+        policy = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        if not (ckpt / "checkpoint.pt").exists():
+            sampler.sync_weights(policy)  # the engine holds whatever earlier tests pushed
+        history = train(
+            policy,
+            sampler,
+            FormatReward(r"^\d"),  # about half of this random model's responses start with a digit
+            gc.gspo(),
+            torch.optim.AdamW(policy.parameters(), lr=1e-2),
+            lambda step: PromptBatch(PROMPTS),
+            RLConfig(steps=steps, minibatches=2, progress=False, checkpoint_dir=ckpt, checkpoint_every=1),
+            samples_per_prompt=sampler.n,
+        )
+        return policy, [{k: v for k, v in m.items() if k not in timing_keys} for m in history]
+
+    sampler.weight_sync = "file"
+    sampler.load_state_dict(as_new)
+    policy_a, history_a = run(tmp_path / "a", 3)
+    sampler.load_state_dict(as_new)
+    _, history_b2 = run(tmp_path / "b", 2)
+    sampler.load_state_dict(as_new)  # "rebuilt": the checkpoint must move it on
+    policy_b, history_b = run(tmp_path / "b", 3)
+
+    assert history_b[:2] == history_b2
+    assert history_b == history_a, "the resumed run's metrics differ"
+    assert any(0.0 < m["reward"] < 1.0 for m in history_a), [m["reward"] for m in history_a]
+    for (name, a), b in zip(policy_a.state_dict().items(), policy_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

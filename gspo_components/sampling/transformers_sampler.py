@@ -35,6 +35,7 @@ import torch
 from tensordict import TensorDict
 
 from ._batch import ROLLOUT_KEYS, PromptsLike, build_rollout, check_sampler_args, tokenize_prompts
+from ._state import SamplerState
 
 __all__ = ["TransformersSampler"]
 
@@ -73,7 +74,7 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     return ids
 
 
-class TransformersSampler:
+class TransformersSampler(SamplerState):
     """Samples ``n`` responses per prompt with ``model.generate``; same contract as VLLMSampler.
 
     Args:

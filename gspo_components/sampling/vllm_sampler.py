@@ -59,6 +59,7 @@ import torch
 from tensordict import TensorDict
 
 from ._batch import ROLLOUT_KEYS, PromptsLike, build_rollout, check_sampler_args, tokenize_prompts
+from ._state import SamplerState
 
 __all__ = ["VLLMSampler", "WeightSyncExtension"]
 
@@ -121,7 +122,7 @@ def _sampled_log_probs(token_ids: Sequence[int], logprobs: Any) -> list[float]:
     return [float(pos[tok].logprob) for tok, pos in zip(token_ids, logprobs, strict=True)]
 
 
-class VLLMSampler:
+class VLLMSampler(SamplerState):
     """Samples ``n`` responses per prompt with vLLM; returns the rollout TensorDict.
 
     Args:
