@@ -63,6 +63,14 @@ class KeyedModule(TensorDictModuleBase):
             self._in_map = {name: name for name in all_in}
             self._in_map.update(_resolve(where, "in_keys", in_names, in_keys))
         self._out_map = _resolve(where, "out_keys", out_names, out_keys)
+        taken: dict[NestedKey, str] = {}
+        for name, key in self._out_map.items():
+            if key in taken:
+                raise ValueError(
+                    f"{where}: out_keys would write both '{taken[key]}' and '{name}' to {key!r}; "
+                    f"each output needs its own key (outputs: {list(out_names)})"
+                )
+            taken[key] = name
         self._required_in = tuple(in_names)
         self._optional_in = tuple(n for n in optional_in_names if n not in in_names)
         self.in_keys = [self._in_map[n] for n in all_in]

@@ -81,6 +81,18 @@ def _attach(td: TensorDictBase, fields: dict[str, list[Any]], repeat: int) -> No
             td.set(name, NonTensorStack(*per_sample))
 
 
+def _output_key(loss: torch.nn.Module, name: str) -> Any:
+    """Where ``loss`` writes its canonical output ``name``: a recipe's Objective may rename its
+    outputs (``Objective(out_keys={"loss": "policy_loss"})``); other modules use the names."""
+    objective = getattr(loss, "objective", None)
+    if objective is not None and hasattr(objective, "key"):
+        try:
+            return objective.key(name)
+        except KeyError:
+            return name
+    return name
+
+
 def _mean(values: list[float]) -> float:
     finite = [v for v in values if v == v]
     return sum(finite) / len(finite) if finite else float("nan")
@@ -159,6 +171,7 @@ def train(
     rate used by the step is logged as ``lr``.
     """
     scorer = Scorer(policy, temperature=config.temperature)
+    loss_key = _output_key(recipe.loss, "loss")
     old_scorer = Scorer(policy, temperature=config.temperature, out_key="old_log_probs", grad=False)
     ref_scorer = (
         Scorer(reference, temperature=config.temperature, out_key="ref_log_probs", grad=False)
@@ -207,7 +220,7 @@ def train(
                     mb = scorer(mb)
                     out = recipe.loss(mb)
                     optimizer.zero_grad(set_to_none=True)
-                    out["loss"].backward()
+                    out[loss_key].backward()
                     if config.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
                     optimizer.step()
@@ -232,15 +245,16 @@ def train(
             if config.accuracy_key is not None:
                 acc_src = td.get(config.accuracy_key).float()
                 metrics["accuracy"] = float((acc_src[valid] >= config.accuracy_threshold).float().mean())
-            for name in ("loss", "clip_fraction", "clip_fraction_low", "clip_fraction_high",
-                         "seq_clip_fraction", "ratio_mean", "kl", "entropy"):  # fmt: skip
-                values = [float(o[name]) for o in outputs if name in o.keys()]
+            for name, reduce in (
+                *((n, _mean) for n in ("loss", "clip_fraction", "clip_fraction_low", "clip_fraction_high",
+                                       "seq_clip_fraction", "ratio_mean", "kl", "entropy")),
+                ("ratio_min", min),
+                ("ratio_max", max),
+            ):  # fmt: skip
+                key = _output_key(recipe.loss, name)  # logged under the canonical name
+                values = [float(o[key]) for o in outputs if key in o.keys(include_nested=True)]
                 if values:
-                    metrics[name] = _mean(values)
-            for name, fn in (("ratio_min", min), ("ratio_max", max)):
-                values = [float(o[name]) for o in outputs if name in o.keys()]
-                if values:
-                    metrics[name] = fn(values)
+                    metrics[name] = reduce(values)
             if on_step is not None:
                 extra = on_step(step + 1, metrics)
                 if extra:

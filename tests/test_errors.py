@@ -233,6 +233,11 @@ CASES: list[tuple[str, Callable[[], object], tuple[str, ...]]] = [
         ("out_keys has no entry named ['advantage']", "its entries are ['advantages']"),
     ),
     (
+        "out-keys-collide",  # the renamed loss would be overwritten by the detached policy-loss metric
+        lambda: Objective(out_keys={"loss": "policy_loss"}),
+        ("Objective: out_keys would write both 'loss' and 'policy_loss' to 'policy_loss'",),
+    ),
+    (
         "in-keys-sequence-wrong-length",
         lambda: TokenLogRatio(in_keys=["lp", "old"]),
         (

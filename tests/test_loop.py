@@ -231,6 +231,33 @@ def test_short_run_metrics_and_update(model_dir: Path, tmp_path: Path, recipe_na
     assert read_jsonl(log) == [as_logged(m) for m in history]
 
 
+def test_renamed_objective_outputs_are_trained_and_logged(model_dir: Path) -> None:
+    """An Objective whose outputs are renamed (e.g. to fit a trainer's key schema) still drives
+    the loop: its loss is back-propagated and its metrics are logged under their canonical
+    names, equal to those of the same recipe with the default names."""
+    renamed = {"loss": "objective_loss", "clip_fraction": ("metrics", "clip"), "ratio_max": "rmax"}
+    base = gc.gspo()
+    recipe = Recipe(
+        "gspo-renamed",
+        base.advantage,
+        gc.PolicyLoss(gc.SequenceLogRatio(), gc.PPOClip(3e-4, 4e-4), gc.Objective(out_keys=renamed)),
+    )
+    histories, weights = [], []
+    for r in (base, recipe):
+        torch.manual_seed(0)
+        policy = load_model(model_dir)
+        sampler = policy_sampler(policy, model_dir, seed=0)
+        history = train(
+            policy, sampler, MathAnswerReward(), r, make_optimizer(policy), next_prompts, config(2),
+            samples_per_prompt=GROUP,
+        )  # fmt: skip
+        histories.append(without_timings(history))
+        weights.append(snapshot(policy))
+    assert {"loss", "clip_fraction", "ratio_max"} <= set(histories[1][0])
+    assert histories[1] == histories[0]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 # --------------------------------------------------------------------------------------------
 # checkpoint / resume
 
