@@ -140,7 +140,8 @@ class VLLMSampler(SamplerState):
             may be changed later through the ``weight_sync`` attribute.
         **engine_kwargs: passed to ``vllm.LLM`` (``dtype="float32"``, ``max_model_len``,
             ``kv_cache_memory_bytes``, ``enforce_eager``, ...). ``logprobs_mode`` is fixed to
-            ``"processed_logprobs"``.
+            ``"processed_logprobs"``. vLLM's default ``dtype="auto"`` downcasts a float32
+            checkpoint to bf16; ``self.dtype`` is what the engine holds.
 
     Calling ``sampler(prompts)`` with P prompts (strings, or lists of token ids) returns a
     TensorDict of batch size [P·n] with ``prompt_ids``, ``prompt_mask``, ``response_ids``,
