@@ -15,11 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
 
 import torch
+
+# vLLM logs ~1 800 INFO lines and a "RotaryEmbedding: Failed to load weights" warning on every
+# weight sync (harmless: rotary embeddings have no weights; tests/test_weight_sync.py checks the
+# engine against the trainer after a sync). Show its errors only, unless the user asks for more
+# (e.g. VLLM_LOGGING_LEVEL=INFO make demo). Set before vLLM is imported, and inherited by its
+# engine processes.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 ALPHABET = "0123456789+="
 MAX_TOKENS = 4  # at most three answer digits and <eos>

@@ -189,6 +189,8 @@ class VLLMSampler(SamplerState):
                 config, int(engine_kwargs["max_model_len"]), engine_kwargs.get("dtype")
             )
         engine_kwargs.setdefault("enforce_eager", True)
+        # sync_weights reloads the checkpoint every step; vLLM would draw a progress bar each time.
+        engine_kwargs.setdefault("use_tqdm_on_load", False)
         if seed is not None:
             engine_kwargs.setdefault("seed", int(seed))
 
