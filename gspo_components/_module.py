@@ -44,6 +44,19 @@ def _resolve(where: str, kind: str, names: Sequence[str], overrides: KeyOverride
     return dict(zip(names, overrides, strict=True))
 
 
+def key_of(module: object, name: str, *, output: bool = False) -> NestedKey:
+    """The key ``module`` uses for the canonical entry ``name`` (with ``output=True``, the key it
+    writes its output ``name`` to), through its ``key`` / ``out_key`` methods; ``name`` itself
+    when the module has no such method or does not declare ``name``."""
+    lookup = getattr(module, "out_key" if output else "key", None)
+    if lookup is None:
+        return name
+    try:
+        return lookup(name)
+    except KeyError:
+        return name
+
+
 class KeyedModule(TensorDictModuleBase):
     """Base of every part: declared, renamable keys and uniform error messages."""
 
@@ -77,9 +90,13 @@ class KeyedModule(TensorDictModuleBase):
         self.out_keys = [self._out_map[n] for n in out_names]
 
     def key(self, name: str) -> NestedKey:
-        """The key this instance uses for the canonical entry ``name``."""
+        """The key this instance uses for the canonical entry ``name`` (an input, else an output)."""
         if name in self._in_map:
             return self._in_map[name]
+        return self._out_map[name]
+
+    def out_key(self, name: str) -> NestedKey:
+        """The key this instance writes its canonical output ``name`` to."""
         return self._out_map[name]
 
     def _read(self, td: TensorDictBase, name: str) -> torch.Tensor:

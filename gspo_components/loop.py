@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 from tensordict import NonTensorStack, TensorDictBase
 
+from ._module import key_of
 from .recipes import Recipe
 from .scoring import Scorer
 
@@ -79,18 +80,6 @@ def _attach(td: TensorDictBase, fields: dict[str, list[Any]], repeat: int) -> No
             td.set(name, torch.tensor(per_sample))
         else:
             td.set(name, NonTensorStack(*per_sample))
-
-
-def _output_key(loss: torch.nn.Module, name: str) -> Any:
-    """Where ``loss`` writes its canonical output ``name``: a recipe's Objective may rename its
-    outputs (``Objective(out_keys={"loss": "policy_loss"})``); other modules use the names."""
-    objective = getattr(loss, "objective", None)
-    if objective is not None and hasattr(objective, "key"):
-        try:
-            return objective.key(name)
-        except KeyError:
-            return name
-    return name
 
 
 def _mean(values: list[float]) -> float:
@@ -171,7 +160,7 @@ def train(
     rate used by the step is logged as ``lr``.
     """
     scorer = Scorer(policy, temperature=config.temperature)
-    loss_key = _output_key(recipe.loss, "loss")
+    loss_key = key_of(recipe.loss, "loss", output=True)
     old_scorer = Scorer(policy, temperature=config.temperature, out_key="old_log_probs", grad=False)
     ref_scorer = (
         Scorer(reference, temperature=config.temperature, out_key="ref_log_probs", grad=False)
@@ -251,7 +240,7 @@ def train(
                 ("ratio_min", min),
                 ("ratio_max", max),
             ):  # fmt: skip
-                key = _output_key(recipe.loss, name)  # logged under the canonical name
+                key = key_of(recipe.loss, name, output=True)  # logged under the canonical name
                 values = [float(o[key]) for o in outputs if key in o.keys(include_nested=True)]
                 if values:
                     metrics[name] = reduce(values)

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import NestedKey, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
 from .advantages import (
@@ -76,6 +76,23 @@ class PolicyLoss(TensorDictModuleBase):
             produced.update(part.out_keys)
         self.in_keys = in_keys
         self.out_keys = list(objective.out_keys)
+
+    def key(self, name: str) -> NestedKey:
+        """The key the chain uses for the canonical entry ``name``: that of the first part, in
+        chain order, that declares it (``KeyError`` when none does)."""
+        for part in (self.weighter, self.rollout_correction, self.clipper, self.objective):
+            lookup = getattr(part, "key", None)
+            if lookup is None:
+                continue
+            try:
+                return lookup(name)
+            except KeyError:
+                continue
+        raise KeyError(name)
+
+    def out_key(self, name: str) -> NestedKey:
+        """The key of the output ``name`` (``loss`` or a metric): the Objective's."""
+        return self.objective.out_key(name)
 
     def forward(
         self, tensordict: TensorDictBase, *, normalizers: LossNormalizers | None = None

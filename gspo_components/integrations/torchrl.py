@@ -47,6 +47,7 @@ from tensordict import NestedKey, TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torchrl.objectives import LossModule
 
+from .._module import key_of
 from ..aggregation import LossNormalizers, step_normalizers
 from ..recipes import PolicyLoss, Recipe
 
@@ -74,24 +75,6 @@ def compact_response(
     for t in tensors:
         out.append(None if t is None else t.gather(-1, order))
     return compact, out
-
-
-def _recipe_key(policy_loss: TensorDictModuleBase, name: str) -> NestedKey:
-    """The key under which ``policy_loss``'s parts read the canonical entry ``name``."""
-    for part in (
-        getattr(policy_loss, "weighter", None),
-        getattr(policy_loss, "rollout_correction", None),
-        getattr(policy_loss, "clipper", None),
-        getattr(policy_loss, "objective", None),
-    ):
-        key_fn = getattr(part, "key", None)
-        if key_fn is None:
-            continue
-        try:
-            return key_fn(name)
-        except KeyError:
-            continue
-    return name
 
 
 class RecipeLoss(LossModule):
@@ -161,7 +144,7 @@ class RecipeLoss(LossModule):
         self._entropy_coef = float(getattr(objective, "entropy_coef", 0.0))
         self._max_length = getattr(objective, "max_length", None)
         self._key = {
-            name: _recipe_key(policy_loss, name)
+            name: key_of(policy_loss, name)
             for name in (
                 "log_probs",
                 "old_log_probs",

@@ -47,9 +47,9 @@ from typing import Any, Literal
 
 import torch
 from tensordict import NestedKey, TensorDict
-from tensordict.nn import TensorDictModuleBase
 from trl import GRPOTrainer
 
+from .._module import key_of
 from ..aggregation import LossNormalizers, step_normalizers
 from ..recipes import Recipe
 
@@ -77,19 +77,6 @@ _CANONICAL = (
     "is_weights",
     "entropy",
 )
-
-
-def _recipe_key(policy_loss: TensorDictModuleBase, name: str) -> NestedKey:
-    """The key under which ``policy_loss``'s parts read the canonical entry ``name``."""
-    for attr in ("weighter", "rollout_correction", "clipper", "objective"):
-        key_fn = getattr(getattr(policy_loss, attr, None), "key", None)
-        if key_fn is None:
-            continue
-        try:
-            return key_fn(name)
-        except KeyError:
-            continue
-    return name
 
 
 def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
@@ -217,7 +204,7 @@ class RecipeGRPOTrainer(GRPOTrainer):
         self.recipe = recipe
         self.advantage_source = advantages
         self.token_advantages = token_advantages
-        self._recipe_keys = {name: _recipe_key(recipe.loss, name) for name in _CANONICAL}
+        self._recipe_keys = {name: key_of(recipe.loss, name) for name in _CANONICAL}
         self._last_rewards_per_func: torch.Tensor | None = None
         if advantages == "recipe" and self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError(
@@ -269,9 +256,9 @@ class RecipeGRPOTrainer(GRPOTrainer):
         estimator = self.recipe.advantage
         td = TensorDict(
             {
-                _recipe_key(estimator, "rewards"): torch.where(valid, rewards, torch.zeros_like(rewards)),
-                _recipe_key(estimator, "group_ids"): group_ids,
-                _recipe_key(estimator, "reward_valid"): valid,
+                key_of(estimator, "rewards"): torch.where(valid, rewards, torch.zeros_like(rewards)),
+                key_of(estimator, "group_ids"): group_ids,
+                key_of(estimator, "reward_valid"): valid,
             },
             batch_size=[rewards.shape[0]],
         )

@@ -357,8 +357,13 @@ def test_gspo_token_with_sequence_advantages_equals_trl_gspo(
     _assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-7)
 
 
-def test_recipe_advantages(tmp_path, tiny_tokenizer, make_tiny_model):
+@pytest.mark.parametrize("keys", ["canonical", "renamed"])
+def test_recipe_advantages(tmp_path, tiny_tokenizer, make_tiny_model, keys):
+    """With ``advantages="recipe"`` the trainer feeds the recipe's own estimator, under the keys
+    that estimator reads (renamed ones included)."""
     seen: list[float] = []
+    renamed = {"rewards": "score", "group_ids": ("meta", "prompt"), "reward_valid": "scored"}
+    estimator = gc.GroupMeanAdvantage(in_keys=renamed if keys == "renamed" else None)
 
     def reward(completions, **kwargs):
         out = [float(sum(ch.isdigit() for ch in text)) for text in completions]
@@ -372,7 +377,7 @@ def test_recipe_advantages(tmp_path, tiny_tokenizer, make_tiny_model):
         args=_config(tmp_path),
         train_dataset=_dataset(),
         processing_class=tiny_tokenizer,
-        recipe=gc.dr_grpo(),
+        recipe=gc.dr_grpo(advantage=estimator),
         advantages="recipe",
     )
     batch = tr._generate_and_score_completions([{"prompt": p} for p in PROMPTS[:3] for _ in range(G)])
