@@ -54,24 +54,15 @@ def addition_examples(rng: random.Random, count: int) -> list[tuple[str, str]]:
 
 def build_model(path: Path, sft_steps: int, seed: int) -> dict:
     """Build the tiny Qwen3 + tokenizer, fine-tune it on additions, save it (float32) to ``path``."""
-    from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3
+    from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3, supervised_step
 
     tok = build_char_tokenizer(ALPHABET, path)
     model = build_tiny_qwen3(len(tok), tokenizer=tok, max_position_embeddings=128, seed=seed)
-    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = random.Random(seed)
     start, loss = time.perf_counter(), float("nan")
     for _ in range(sft_steps):
-        rows = [tok(p + a)["input_ids"] + [tok.eos_token_id] for p, a in addition_examples(rng, 64)]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        out = model(input_ids=ids, attention_mask=mask, labels=torch.where(mask.bool(), ids, -100))
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        loss = float(out.loss)
+        loss = supervised_step(model, tok, optimizer, addition_examples(rng, 64), prompt_loss=True)
     model.eval()
     model.save_pretrained(str(path))
     return {"sft_steps": sft_steps, "sft_seconds": round(time.perf_counter() - start, 1), "final_loss": loss}

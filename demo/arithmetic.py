@@ -52,7 +52,7 @@ def warm_start(path: Path, train: list[tuple[int, int]], steps: int, seed: int) 
     """Supervised warm-up on prompt → answer<eos>, cached: reused when the settings match."""
     from transformers import AutoModelForCausalLM
 
-    from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3
+    from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3, supervised_step
 
     meta = {"steps": steps, "seed": seed, "alphabet": ALPHABET, "version": 1}
     meta_file = path / "warmup.json"
@@ -62,24 +62,13 @@ def warm_start(path: Path, train: list[tuple[int, int]], steps: int, seed: int) 
     tok = build_char_tokenizer(ALPHABET, path)
     build_tiny_qwen3(len(tok), path, tokenizer=tok, seed=seed, max_position_embeddings=32)
     model = AutoModelForCausalLM.from_pretrained(path)
-    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        batch = rng.sample(train, 64)
-        seqs = [[*tok.encode(prompt_of(p) + answer_of(p)), tok.eos_token_id] for p in batch]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
-        labels = ids.clone()
-        labels[:, : len(prompt_of(batch[0]))] = -100  # every prompt is "ab+cd=": 6 characters
-        labels[ids == tok.pad_token_id] = -100
-        loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = [
+        supervised_step(model, tok, opt, [(prompt_of(p), answer_of(p)) for p in rng.sample(train, 64)])
+        for _ in range(steps)
+    ]
     model.eval()
     model.save_pretrained(path)
     info = {"settings": meta, "final_loss": sum(losses[-20:]) / 20, "seconds": time.perf_counter() - t0}

@@ -1,6 +1,6 @@
 """Tiny models and character tokenizers, built locally (nothing is downloaded).
 
-Two helpers make a folder that both transformers and vLLM load:
+Two helpers make a folder that both transformers and vLLM load, and a third warms a model up:
 
 - :func:`build_char_tokenizer`: a character-level tokenizer. Ids are ``<pad>`` = 0, ``<eos>`` = 1,
   ``<unk>`` = 2, then one id per character of ``alphabet`` in the order given. Text is split into
@@ -8,6 +8,8 @@ Two helpers make a folder that both transformers and vLLM load:
   drawn from the alphabet. No BOS token is added.
 - :func:`build_tiny_qwen3`: a randomly initialised ``Qwen3ForCausalLM`` (by default 2 layers,
   hidden 128, 4 heads, 2 KV heads, head_dim 32; vLLM's CPU attention needs head_dim ≥ 32).
+- :func:`supervised_step`: one optimizer step of cross-entropy on ``(prompt, answer)`` pairs, the
+  short supervised warm-up that gives RL a model that is sometimes right.
 
 Example (the demo's model)::
 
@@ -30,7 +32,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
-__all__ = ["SPECIAL_TOKENS", "build_char_tokenizer", "build_tiny_qwen3"]
+__all__ = ["SPECIAL_TOKENS", "build_char_tokenizer", "build_tiny_qwen3", "supervised_step"]
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 """The special tokens of :func:`build_char_tokenizer`, with ids 0, 1, 2."""
@@ -155,3 +157,33 @@ def build_tiny_qwen3(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
     return model
+
+
+def supervised_step(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerFast,
+    optimizer: torch.optim.Optimizer,
+    examples: Sequence[tuple[str, str]],
+    *,
+    prompt_loss: bool = False,
+) -> float:
+    """One optimizer step of next-token cross-entropy on ``prompt + answer + <eos>``; the loss.
+
+    Rows are right-padded and the padding is masked out of attention and loss. Only the answer
+    and ``<eos>`` tokens are trained, unless ``prompt_loss=True``, which trains the prompt's too.
+    The model is left in training mode.
+    """
+    rows = [[*tokenizer.encode(prompt + answer), tokenizer.eos_token_id] for prompt, answer in examples]
+    prompt_lengths = torch.tensor([len(tokenizer.encode(prompt)) for prompt, _ in examples])
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    positions = torch.arange(width)
+    valid = positions < torch.tensor([len(r) for r in rows]).unsqueeze(1)
+    trained = valid if prompt_loss else valid & (positions >= prompt_lengths.unsqueeze(1))
+    labels = torch.where(trained, ids, -100)
+    model.train()
+    loss = model(input_ids=ids, attention_mask=valid.long(), labels=labels).loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())

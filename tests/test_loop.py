@@ -47,7 +47,7 @@ from gspo_components.loop import PromptBatch, RLConfig, train
 from gspo_components.recipes import Recipe
 from gspo_components.rewards import MathAnswerReward
 from gspo_components.sampling import TransformersSampler
-from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3
+from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3, supervised_step
 
 ALPHABET = "0123456789+="
 PAIRS = [(a, b) for a in range(1, 10) for b in range(1, 10)]
@@ -97,21 +97,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Pat
         seed=0,
     )
     rng = random.Random(0)
-    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     for _ in range(WARMUP_STEPS):
-        batch = rng.sample(PAIRS, 32)
-        rows = [[*tok.encode(prompt_of(p) + answer_of(p)), tok.eos_token_id] for p in batch]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
-        labels = ids.clone()
-        labels[:, : len(prompt_of(batch[0]))] = -100  # every prompt is "a+b=": 4 characters
-        labels[ids == tok.pad_token_id] = -100
-        attention = (ids != tok.pad_token_id).long()
-        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        supervised_step(model, tok, optimizer, [(prompt_of(p), answer_of(p)) for p in rng.sample(PAIRS, 32)])
     model.eval()
     model.save_pretrained(str(path))
     return path
