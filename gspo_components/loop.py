@@ -161,6 +161,17 @@ def train(
     """
     scorer = Scorer(policy, temperature=config.temperature)
     loss_key = key_of(recipe.loss, "loss", output=True)
+    # Each logged loss metric: (canonical name, the key the recipe writes it to, its reduction
+    # over the step's minibatches).
+    logged = [
+        (name, key_of(recipe.loss, name, output=True), reduce)
+        for name, reduce in (
+            *((n, _mean) for n in ("loss", "clip_fraction", "clip_fraction_low", "clip_fraction_high",
+                                   "seq_clip_fraction", "ratio_mean", "kl", "entropy")),
+            ("ratio_min", min),
+            ("ratio_max", max),
+        )
+    ]  # fmt: skip
     old_scorer = Scorer(policy, temperature=config.temperature, out_key="old_log_probs", grad=False)
     ref_scorer = (
         Scorer(reference, temperature=config.temperature, out_key="ref_log_probs", grad=False)
@@ -234,13 +245,7 @@ def train(
             if config.accuracy_key is not None:
                 acc_src = td.get(config.accuracy_key).float()
                 metrics["accuracy"] = float((acc_src[valid] >= config.accuracy_threshold).float().mean())
-            for name, reduce in (
-                *((n, _mean) for n in ("loss", "clip_fraction", "clip_fraction_low", "clip_fraction_high",
-                                       "seq_clip_fraction", "ratio_mean", "kl", "entropy")),
-                ("ratio_min", min),
-                ("ratio_max", max),
-            ):  # fmt: skip
-                key = key_of(recipe.loss, name, output=True)  # logged under the canonical name
+            for name, key, reduce in logged:
                 values = [float(o[key]) for o in outputs if key in o.keys(include_nested=True)]
                 if values:
                     metrics[name] = reduce(values)
