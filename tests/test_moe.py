@@ -52,7 +52,12 @@ def _family(name: str) -> tuple[Callable[[], torch.nn.Module], bool]:
     tf = pytest.importorskip("transformers")
     if name == "qwen3_moe":
         cfg = tf.Qwen3MoeConfig(
-            **COMMON, head_dim=16, moe_intermediate_size=32, num_experts=E, num_experts_per_tok=K, norm_topk_prob=True
+            **COMMON,
+            head_dim=16,
+            moe_intermediate_size=32,
+            num_experts=E,
+            num_experts_per_tok=K,
+            norm_topk_prob=True,
         )
         return lambda: tf.Qwen3MoeForCausalLM(cfg), True
     if name == "qwen2_moe":
@@ -340,7 +345,10 @@ def test_dense_model_is_refused() -> None:
 @pytest.mark.parametrize(
     ("shape", "message"),
     [
-        ((2, 9, L, K), r"the forward runs \[3, 9\] tokens, so 'routed_experts' must have shape \[3, 9, 2, 2\], got \[2, 9, 2, 2\]"),
+        (
+            (2, 9, L, K),
+            r"the forward runs \[3, 9\] tokens, so 'routed_experts' must have shape \[3, 9, 2, 2\], got \[2, 9, 2, 2\]",
+        ),
         ((3, 8, L, K), r"must have shape \[3, 9, 2, 2\], got \[3, 8, 2, 2\]"),
         ((3, 9, 3, K), r"\[B, S, L, K\] = \[B, S, 2, 2\] .* got \[3, 9, 3, 2\]"),
         ((3, 9, L, 1), r"\[B, S, L, K\] = \[B, S, 2, 2\] .* got \[3, 9, 2, 1\]"),
@@ -351,7 +359,11 @@ def test_wrong_shape_names_expected_and_received(shape: tuple[int, ...], message
     model, _ = _build("qwen3_moe")
     replay = RoutingReplay(model)
     ids, attn = _inputs()
-    with pytest.raises(ValueError, match=message), torch.no_grad(), replay.replay(torch.zeros(shape, dtype=torch.uint8)):
+    with (
+        pytest.raises(ValueError, match=message),
+        torch.no_grad(),
+        replay.replay(torch.zeros(shape, dtype=torch.uint8)),
+    ):
         model(input_ids=ids, attention_mask=attn)
     with torch.no_grad():  # hooks are gone after the error
         model(input_ids=ids, attention_mask=attn)
@@ -364,7 +376,7 @@ def test_bad_values_and_dtypes() -> None:
     with pytest.raises(ValueError, match=r"outside \[0, 8\).*max 8"):
         with replay.replay(torch.full((3, 9, L, K), 8, dtype=torch.long)):
             pass
-    with pytest.raises(ValueError, match="integer expert ids, got torch.float32"):
+    with pytest.raises(ValueError, match=r"integer expert ids, got torch\.float32"):
         with replay.replay(torch.zeros(3, 9, L, K)):
             pass
     with pytest.raises(ValueError, match=r"'mask' must have shape \[B, S\] = \[3, 9\]"):
