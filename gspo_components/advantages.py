@@ -23,6 +23,12 @@ A group whose valid rewards are all equal (a single sample included) gets Â = 0
 condition is tested with an exact max == min per group and the advantage set to 0 explicitly,
 since the floating-point expression only gives about 1e-2 relative to eps.
 
+Each group's statistics are computed at the group's own power-of-two scale (the rewards divided
+exactly by 2^e_g, the power of two above the group's largest |r|), so no sum or square overflows
+or underflows for any finite rewards; ordinary rewards give bit-for-bit the unscaled result. The
+normalising estimators divide at that scale and are always finite (eps = 0 included); a group-mean
+or RLOO advantage that does not fit the dtype (float32 rewards near ±3.4e38) is a ValueError.
+
 An optional ``valid`` mask ([N] bool; key ``reward_valid``) leaves samples out of their group's
 statistics and gives them Â = 0: a reward function that failed on a sample marks it so.
 
@@ -36,7 +42,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDictBase
 
-from ._checks import check_float, check_range, compute_dtype
+from ._checks import check_float, check_mask, check_range, compute_dtype
 from ._module import KeyedModule, KeyOverrides
 
 __all__ = [
@@ -55,26 +61,64 @@ __all__ = [
 
 
 class GroupStatistics:
-    """Per-sample views of the group statistics: the sample's group mean, std, size and whether
-    its group is constant (all valid rewards equal, or fewer than two valid samples)."""
+    """Per-sample views of the group statistics, gathered back to each sample.
+
+    Every group is computed at its own power-of-two scale 2^e_g (e_g the exponent of the group's
+    largest valid |r|), so nothing overflows or underflows on the way: the ``scaled_*`` fields are
+    mean_g / 2^e_g, (r − mean_g) / 2^e_g and std_g / 2^e_g, each of magnitude ≤ 2 (``exponent`` holds
+    e_g per sample). ``mean`` and ``std`` are the same numbers at the rewards' scale (±inf where
+    that scale overflows the dtype). ``constant`` marks samples of groups whose valid rewards are
+    all equal or that have fewer than two valid samples.
+    """
 
     def __init__(
         self,
         rewards: torch.Tensor,
         valid: torch.Tensor,
-        mean: torch.Tensor,
-        std: torch.Tensor,
+        scaled_mean: torch.Tensor,
+        scaled_centred: torch.Tensor,
+        scaled_std: torch.Tensor,
+        exponent: torch.Tensor,
         count: torch.Tensor,
         constant: torch.Tensor,
     ) -> None:
         self.rewards, self.valid = rewards, valid
-        self.mean, self.std, self.count, self.constant = mean, std, count, constant
+        self.scaled_mean, self.scaled_centred, self.scaled_std = scaled_mean, scaled_centred, scaled_std
+        self.exponent = exponent
+        self.count, self.constant = count, constant
+
+    @property
+    def live(self) -> torch.Tensor:
+        """Samples that get a non-zero advantage: valid, in a non-constant group."""
+        return self.valid & ~self.constant
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """mean_g r at the rewards' scale."""
+        return _ldexp(self.scaled_mean, self.exponent)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """std_g r (Bessel) at the rewards' scale; may overflow to inf for rewards near the dtype's max."""
+        return _ldexp(self.scaled_std, self.exponent)
 
     @property
     def centred(self) -> torch.Tensor:
-        """r_i − mean_g r, exactly 0 for constant groups and invalid samples."""
-        zero = torch.zeros((), dtype=self.rewards.dtype, device=self.rewards.device)
-        return torch.where(self.valid & ~self.constant, self.rewards - self.mean, zero)
+        """r_i − mean_g r, exactly 0 for constant groups and invalid samples (±inf if it overflows)."""
+        return _ldexp(self.scaled_centred, self.exponent)
+
+
+def _ldexp(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """x · 2^e, exact unless the result over- or underflows. Applied in two halves, because
+    ``torch.ldexp`` forms 2^e in x's dtype first and 2^128 is already inf in float32."""
+    half = torch.div(e, 2, rounding_mode="floor")
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return x * torch.pow(2 * one, half) * torch.pow(2 * one, e - half)
+
+
+def _pow2_exponent(magnitude: torch.Tensor) -> torch.Tensor:
+    """e with magnitude / 2^e in [0.5, 1) (e = 0 for 0): dividing by 2^e is exact."""
+    return torch.frexp(magnitude).exponent.to(magnitude.dtype)
 
 
 def group_statistics(
@@ -84,6 +128,13 @@ def group_statistics(
 
     mean_g = Σ_{i∈g} r_i / n_g, std_g = sqrt(Σ_{i∈g} (r_i − mean_g)² / (n_g − 1)) (Bessel, as in
     TRL and verl). Only samples with ``valid`` set take part.
+
+    Overflow-safe: each group is first divided by 2^e_g, the power of two just above its largest
+    valid |r| (exact in floating point), so the sum, the squares and their sum stay in range for
+    any finite rewards (e.g. [3e38, −3e38] in float32, whose squares overflow), and rewards as
+    small as 1e-30 do not underflow when squared. For rewards of ordinary size the result is
+    bit-identical to the unscaled formula, because scaling by a power of two commutes with
+    rounding.
     """
     where = "group_statistics"
     rewards = check_float(where, "rewards", rewards)
@@ -110,11 +161,11 @@ def group_statistics(
         )
     if valid is None:
         valid = torch.ones(n, dtype=torch.bool, device=rewards.device)
-    elif valid.dtype != torch.bool or tuple(valid.shape) != (n,):
-        raise ValueError(
-            f"{where}: 'reward_valid' must be a bool tensor of shape [{n}], "
-            f"got {valid.dtype} {list(valid.shape)}"
+    elif not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != (n,):
+        got = (
+            f"{valid.dtype} {list(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
         )
+        raise ValueError(f"{where}: 'reward_valid' must be a bool tensor of shape [{n}], got {got}")
     dtype = compute_dtype(rewards)
     r = rewards.detach().to(dtype)
     if not bool(torch.isfinite(r[valid]).all()):
@@ -126,12 +177,18 @@ def group_statistics(
     num_groups = int(index.max()) + 1
     zero = torch.zeros((), dtype=dtype, device=r.device)
     r_valid = torch.where(valid, r, zero)
+    # 2^e_g: the power of two just above the group's largest valid |r| (e_g = 0 for all-zero groups).
+    peak = torch.zeros(num_groups, dtype=dtype, device=r.device).scatter_reduce(
+        0, index, r_valid.abs(), reduce="amax"
+    )
+    exponent = _pow2_exponent(peak)[index]
+    r_scaled = _ldexp(r_valid, -exponent)  # |r_scaled| < 1, exact
     count = torch.zeros(num_groups, dtype=dtype, device=r.device).index_add_(0, index, valid.to(dtype))
-    total = torch.zeros(num_groups, dtype=dtype, device=r.device).index_add_(0, index, r_valid)
-    mean = total / count.clamp(min=1)
-    dev = torch.where(valid, r - mean[index], zero)
+    total = torch.zeros(num_groups, dtype=dtype, device=r.device).index_add_(0, index, r_scaled)
+    mean_scaled = (total / count.clamp(min=1))[index]
+    dev = torch.where(valid, r_scaled - mean_scaled, zero)  # |dev| < 2
     sq = torch.zeros(num_groups, dtype=dtype, device=r.device).index_add_(0, index, dev * dev)
-    std = torch.sqrt(sq / (count - 1).clamp(min=1))
+    std_scaled = torch.sqrt(sq / (count - 1).clamp(min=1))[index]
     inf = torch.tensor(float("inf"), dtype=dtype, device=r.device)
     high = torch.full((num_groups,), -inf.item(), dtype=dtype, device=r.device).scatter_reduce(
         0, index, torch.where(valid, r, -inf), reduce="amax"
@@ -139,13 +196,25 @@ def group_statistics(
     low = torch.full((num_groups,), inf.item(), dtype=dtype, device=r.device).scatter_reduce(
         0, index, torch.where(valid, r, inf), reduce="amin"
     )
-    constant = (high == low) | (count < 2)
-    return GroupStatistics(r, valid, mean[index], std[index], count[index], constant[index])
+    constant = ((high == low) | (count < 2))[index]
+    centred_scaled = torch.where(valid & ~constant, dev, zero)
+    return GroupStatistics(
+        r, valid, mean_scaled, centred_scaled, std_scaled, exponent, count[index], constant
+    )
 
 
-def _finish(stats: GroupStatistics, adv: torch.Tensor) -> torch.Tensor:
+def _finish(where: str, stats: GroupStatistics, adv: torch.Tensor) -> torch.Tensor:
+    """Zero for constant groups and invalid samples; a ValueError if a live value overflowed."""
     zero = torch.zeros((), dtype=adv.dtype, device=adv.device)
-    return torch.where(stats.valid & ~stats.constant, adv, zero)
+    out = torch.where(stats.live, adv, zero)
+    if not bool(torch.isfinite(out).all()):
+        finfo = torch.finfo(adv.dtype)
+        raise ValueError(
+            f"{where}: an advantage overflows {adv.dtype} (|Â| > {finfo.max:.3g}) for rewards of "
+            f"magnitude up to {float(stats.rewards[stats.valid].abs().max()):.3g}; rescale 'rewards' "
+            "or pass them as float64"
+        )
+    return out
 
 
 def group_normalized_advantages(
@@ -155,26 +224,41 @@ def group_normalized_advantages(
     eps: float = 1e-6,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GRPO's advantage Â_i = (r_i − mean_g r) / (std_g r + eps), Bessel std; 0 for constant groups."""
-    check_range("group_normalized_advantages", "eps", eps, 0.0, None)
+    """GRPO's advantage Â_i = (r_i − mean_g r) / (std_g r + eps), Bessel std; 0 for constant groups.
+
+    Computed at the group's scale 2^e_g as ((r_i − mean_g)/2^e_g) / (std_g/2^e_g + eps/2^e_g), the
+    same number without overflow. With eps = 0 the result is finite for every non-constant group
+    (its std is positive at that scale): the scale-free value, e.g. ±0.7071 for any two distinct
+    rewards, also [0, 1e-30].
+    """
+    where = "group_normalized_advantages"
+    eps = check_range(where, "eps", eps, 0.0, None)
     stats = group_statistics(rewards, group_ids, valid)
-    return _finish(stats, stats.centred / (stats.std + eps))
+    eps_scaled = _ldexp(torch.full_like(stats.scaled_std, eps), -stats.exponent)
+    return _finish(where, stats, stats.scaled_centred / (stats.scaled_std + eps_scaled))
 
 
 def group_mean_advantages(
     rewards: torch.Tensor, group_ids: torch.Tensor, *, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Dr.GRPO's advantage Â_i = r_i − mean_g r (no std division); 0 for constant groups."""
-    return group_statistics(rewards, group_ids, valid).centred
+    """Dr.GRPO's advantage Â_i = r_i − mean_g r (no std division); 0 for constant groups.
+
+    A ``ValueError`` if some r_i − mean_g r is beyond the dtype's range (float32 rewards near ±3e38).
+    """
+    stats = group_statistics(rewards, group_ids, valid)
+    return _finish("group_mean_advantages", stats, stats.centred)
 
 
 def leave_one_out_advantages(
     rewards: torch.Tensor, group_ids: torch.Tensor, *, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """RLOO: Â_i = r_i − mean_{j≠i} r_j = n_g/(n_g − 1) · (r_i − mean_g r); 0 for constant groups."""
+    """RLOO: Â_i = r_i − mean_{j≠i} r_j = n_g/(n_g − 1) · (r_i − mean_g r); 0 for constant groups.
+
+    A ``ValueError`` if some Â_i is beyond the dtype's range.
+    """
     stats = group_statistics(rewards, group_ids, valid)
     scale = stats.count / (stats.count - 1).clamp(min=1)
-    return _finish(stats, scale * stats.centred)
+    return _finish("leave_one_out_advantages", stats, _ldexp(scale * stats.scaled_centred, stats.exponent))
 
 
 def batch_whitened_advantages(
@@ -188,15 +272,22 @@ def batch_whitened_advantages(
 
     std_batch is the Bessel-corrected std of x over the valid samples of the whole batch. The
     batch mean of x is 0 by construction, so no re-centring is applied (see the module docstring).
+    Like the group statistics, x is taken at one batch-wide power-of-two scale (the largest group
+    scale), so x and its squares cannot overflow.
     """
-    check_range("batch_whitened_advantages", "eps", eps, 0.0, None)
+    where = "batch_whitened_advantages"
+    eps = check_range(where, "eps", eps, 0.0, None)
     stats = group_statistics(rewards, group_ids, valid)
-    x = stats.centred
+    # the largest scale among groups with a non-zero x (others' exponents could be far larger)
+    top = torch.where(stats.live, stats.exponent, float("-inf")).max()
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    x = _ldexp(stats.scaled_centred, stats.exponent - top)  # x / 2^top, |x| < 2
     n = stats.valid.sum().clamp(min=2).to(x.dtype)
     batch_mean = x.sum() / stats.valid.sum().clamp(min=1).to(x.dtype)
     dev = torch.where(stats.valid, x - batch_mean, torch.zeros((), dtype=x.dtype, device=x.device))
     std = torch.sqrt((dev * dev).sum() / (n - 1))
-    return _finish(stats, x / (std + eps))
+    eps_scaled = _ldexp(torch.full_like(x[:1], eps), -top)
+    return _finish(where, stats, x / (std + eps_scaled))
 
 
 class _GroupAdvantageModule(KeyedModule):
@@ -278,8 +369,9 @@ class PerTokenAdvantage(KeyedModule):
     """Per-token advantages Â_{i,t} for GSPO-token (GSPO eq. 13), passed through unchanged.
 
     Reads ``token_advantages`` [N, T] (float; checked against ``response_mask``) and writes it,
-    cast to float32 (float64 stays float64), under ``advantages``. Padding values are left as they
-    are; every loss-side part masks them.
+    cast to float32 (float64 stays float64), under ``advantages``. A NaN or ±inf at a valid
+    position (``response_mask`` set) is a ``ValueError`` naming the key and the position. Padding
+    values are left as they are, NaN included; every loss-side part masks them.
     """
 
     def __init__(self, *, in_keys: KeyOverrides = None, out_keys: KeyOverrides = None) -> None:
@@ -289,11 +381,20 @@ class PerTokenAdvantage(KeyedModule):
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         td = self._check_td(tensordict)
         adv = check_float(type(self).__name__, "token_advantages", self._read(td, "token_advantages"))
-        mask = self._read(td, "response_mask")
+        mask = check_mask(type(self).__name__, "response_mask", self._read(td, "response_mask"))
         if adv.shape != mask.shape:
             raise ValueError(
                 f"{type(self).__name__}: 'token_advantages' must have shape [N, T] = "
                 f"{list(mask.shape)} like 'response_mask', got {list(adv.shape)}"
             )
-        td.set(self._out_map["advantages"], adv.to(compute_dtype(adv)))
+        out = adv.to(compute_dtype(adv))
+        bad = mask & ~torch.isfinite(out)
+        if bool(bad.any()):
+            i, t = (int(k) for k in bad.nonzero()[0])
+            raise ValueError(
+                f"{type(self).__name__}: 'token_advantages' must be finite where 'response_mask' is "
+                f"set, got {float(out[i, t])} at [{i}, {t}] ({int(bad.sum())} non-finite valid entries; "
+                "half-precision values beyond the dtype's range arrive as ±inf)"
+            )
+        td.set(self._out_map["advantages"], out)
         return td

@@ -15,7 +15,16 @@ batch-whitened (REINFORCE++-baseline) estimators:
 - ``reward_valid``: invalid samples get 0 and take no part in their group's statistics;
 - non-finite rewards on valid samples raise ``ValueError``;
 - the TensorDict modules (incl. the per-token pass-through) write ``advantages`` and honour
-  ``in_keys`` / ``out_keys`` overrides in mapping and sequence form.
+  ``in_keys`` / ``out_keys`` overrides in mapping and sequence form;
+- ``PerTokenAdvantage`` refuses NaN / ±inf at valid positions, naming the key and position;
+- extreme rewards (issue 13): float32 [1e20, −1e20] → ±1/√2, [3e38, 2e38] → finite (±1/√2,
+  RLOO ±1e38), [3e38, 3e38, −3e38, 1] finite for the normalising estimators and a ValueError for
+  group-mean / RLOO whose exact value is beyond float32; eps = 0 with [0, 1e-30] (and subnormals,
+  float64 1e-300) → ±1/√2; float64 rewards near 1.8e308;
+- hypothesis: any finite float32 rewards (subnormal to ±3.4e38, mixed per-group magnitudes, any
+  valid mask) give finite results equal to an exact-rational reference within float32 rounding,
+  exact zeros where due, and a ValueError exactly when the reference overflows; malformed
+  arguments (shapes, dtypes, non-tensors, empty, NaN/inf, bad eps) are ValueErrors naming them.
 """
 
 from __future__ import annotations
@@ -397,3 +406,271 @@ def test_per_token_advantage_passes_through() -> None:
         ValueError, match=r"'token_advantages' must have shape \[N, T\] = \[2, 3\].*got \[2, 4\]"
     ):
         PerTokenAdvantage()(bad)
+
+
+def test_per_token_advantage_refuses_non_finite_valid_entries() -> None:
+    """NaN / ±inf where response_mask is set is a ValueError naming the key and the position;
+    the same values in the padding pass (they are masked downstream)."""
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        tok = torch.tensor([[0.5, -1.0, bad], [1.0, bad, 2.0]])
+        td = TensorDict({"token_advantages": tok, "response_mask": mask}, batch_size=[2])
+        with pytest.raises(ValueError, match=r"'token_advantages' must be finite .*at \[1, 1\]"):
+            PerTokenAdvantage()(td)
+    # a bf16 / fp16 value beyond float16's range is already inf before the cast: refused too
+    tok = torch.tensor([[0.5, 7e4, 0.0], [1.0, 2.0, 3.0]]).to(torch.float16)
+    td = TensorDict({"token_advantages": tok, "response_mask": mask}, batch_size=[2])
+    with pytest.raises(ValueError, match=r"'token_advantages' must be finite .*at \[0, 1\]"):
+        PerTokenAdvantage()(td)
+    # renamed key: the message names the key the module reads
+    td = TensorDict({"ta": torch.full((2, 3), float("nan")), "response_mask": mask}, batch_size=[2])
+    with pytest.raises(ValueError, match="'token_advantages' must be finite"):
+        PerTokenAdvantage(in_keys={"token_advantages": "ta"})(td)
+    # a 0/1 float mask is read as a mask; values other than 0/1 are refused
+    td = TensorDict({"token_advantages": torch.ones(2, 3), "response_mask": mask.float() * 2}, batch_size=[2])
+    with pytest.raises(ValueError, match="'response_mask'"):
+        PerTokenAdvantage()(td)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extreme and malformed rewards
+# ---------------------------------------------------------------------------------------------
+
+SQRT_HALF = 0.7071067811865476  # 1/sqrt(2): any two distinct rewards, Bessel std, eps = 0
+
+
+def _gid(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.long)
+
+
+def test_huge_rewards_do_not_overflow_the_group_statistics() -> None:
+    """float32 rewards whose squares (or sums) overflow: the issue's cases, values by hand.
+
+    [1e20, −1e20]: mean 0, std = sqrt(2e40) = 1.414e20, so Â = ±1/sqrt(2) (the unscaled float32
+    formula squares 1e20 to inf and gave [0, −0]). [3e38, 2e38]: mean 2.5e38 (the float32 sum
+    overflows), centred ±0.5e38, RLOO ±1e38, and 1/sqrt(2) again.
+    """
+    r = torch.tensor([1e20, -1e20])
+    for eps in (0.0, 1e-6):
+        torch.testing.assert_close(
+            group_normalized_advantages(r, _gid(2), eps=eps), torch.tensor([SQRT_HALF, -SQRT_HALF])
+        )
+        torch.testing.assert_close(
+            batch_whitened_advantages(r, _gid(2), eps=eps), torch.tensor([SQRT_HALF, -SQRT_HALF])
+        )
+    r = torch.tensor([3e38, 2e38])
+    torch.testing.assert_close(group_normalized_advantages(r, _gid(2)), torch.tensor([SQRT_HALF, -SQRT_HALF]))
+    torch.testing.assert_close(batch_whitened_advantages(r, _gid(2)), torch.tensor([SQRT_HALF, -SQRT_HALF]))
+    torch.testing.assert_close(group_mean_advantages(r, _gid(2)), torch.tensor([0.5e38, -0.5e38]))
+    torch.testing.assert_close(leave_one_out_advantages(r, _gid(2)), torch.tensor([1e38, -1e38]))
+
+
+def test_issue_case_three_e38_group_is_finite() -> None:
+    """[3e38, 3e38, −3e38, 1]: mean 0.75e38, deviations up to −3.75e38 (beyond float32's max).
+    Reference in float64 by hand: Â = (r − m) / s with m = (3e38 + 3e38 − 3e38 + 1)/4 and s the
+    Bessel std. The normalising estimators are finite and match; the group-mean and RLOO
+    advantages are themselves beyond float32's range, a ValueError saying so (float64 works)."""
+    values = [3e38, 3e38, -3e38, 1.0]
+    r32 = torch.tensor(values)
+    exact32 = [float(v) for v in r32.tolist()]  # the float32-rounded rewards
+    m = sum(exact32) / 4
+    s = math.sqrt(sum((v - m) ** 2 for v in exact32) / 3)
+    want = torch.tensor([(v - m) / s for v in exact32])
+    for fn in (group_normalized_advantages, batch_whitened_advantages):
+        got = fn(r32, _gid(4))
+        assert bool(torch.isfinite(got).all()), (fn.__name__, got)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for fn in (group_mean_advantages, leave_one_out_advantages):
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: an advantage overflows torch.float32"):
+            fn(r32, _gid(4))
+        got64 = fn(r32.double(), _gid(4))
+        scale = 1.0 if fn is group_mean_advantages else 4 / 3
+        torch.testing.assert_close(
+            got64, torch.tensor([scale * (v - m) for v in exact32], dtype=torch.float64)
+        )
+
+
+def test_eps_zero_with_tiny_rewards_is_finite() -> None:
+    """eps = 0 and [0, 1e-30]: the float32 square of 1e-30 underflows to 0, and the unscaled
+    formula gave [−inf, inf]. The scale-free value is ±1/sqrt(2); float64 at 1e-300 and float32
+    subnormals likewise."""
+    for r in (
+        torch.tensor([0.0, 1e-30]),
+        torch.tensor([0.0, 1e-300], dtype=torch.float64),
+        torch.tensor([0.0, 1e-45]),  # the smallest float32 subnormal
+        torch.tensor([-1e-45, 1e-45]),
+    ):
+        for fn in (group_normalized_advantages, batch_whitened_advantages):
+            got = fn(r, _gid(2), eps=0.0)
+            torch.testing.assert_close(got, torch.tensor([-SQRT_HALF, SQRT_HALF], dtype=r.dtype))
+
+
+def test_float64_rewards_near_the_float64_max() -> None:
+    """[1.7e308, −1.7e308, 1e308]: the normalising estimators are scale-free, so the reference is
+    computed in units of 1e308 ([1.7, −1.7, 1]); the centred value −1.7e308 − 3.3e307 is beyond
+    float64, so the group-mean advantage is a ValueError."""
+    r = torch.tensor([1.7e308, -1.7e308, 1e308], dtype=torch.float64)
+    units = [1.7, -1.7, 1.0]
+    m, s = statistics.fmean(units), statistics.stdev(units)
+    want = torch.tensor([(u - m) / s for u in units], dtype=torch.float64)
+    for fn in (group_normalized_advantages, batch_whitened_advantages):
+        torch.testing.assert_close(fn(r, _gid(3)), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"overflows torch\.float64"):
+        group_mean_advantages(r, _gid(3))  # −1.7e308 − 3.3e307 is beyond float64
+
+
+finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True)
+magnitudes = st.sampled_from([1e-45, 1e-38, 1e-30, 1e-6, 1.0, 1e6, 1e20, 1e30, 1e37, 3e38])
+
+
+@st.composite
+def extreme_groups(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 rewards anywhere in the finite range (subnormals and values near ±3.4e38
+    included), per-group magnitudes mixed, a random valid mask, shuffled integer ids."""
+    num_groups = draw(st.integers(1, 4))
+    rewards: list[float] = []
+    ids: list[int] = []
+    for g in range(num_groups):
+        size = draw(st.integers(1, 6))
+        style = draw(st.sampled_from(["any", "scaled", "constant"]))
+        if style == "any":
+            values = draw(st.lists(finite32, min_size=size, max_size=size))
+        elif style == "scaled":
+            scale = draw(magnitudes)
+            units = draw(st.lists(st.floats(-1.0, 1.0, width=32), min_size=size, max_size=size))
+            values = [u * scale for u in units]
+        else:
+            values = [draw(finite32)] * size
+        rewards += values
+        ids += [draw(st.integers(-(2**40), 2**40)) * 0 + 7 * g - 3] * size
+    r = torch.tensor(rewards, dtype=torch.float32)  # rounds the scaled values to float32
+    gid = torch.tensor(ids, dtype=torch.long)
+    valid = torch.tensor(draw(st.lists(st.booleans(), min_size=len(rewards), max_size=len(rewards))))
+    perm = torch.tensor(draw(st.permutations(range(len(rewards)))), dtype=torch.long)
+    return r[perm], gid[perm], valid[perm]
+
+
+def _stdev_and_mean(values: list[float]) -> tuple[float, float]:
+    """Exact-rational mean and Bessel std (statistics uses fractions), from float32 values."""
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+@settings(max_examples=200)
+@given(batch=extreme_groups(), eps=st.sampled_from([0.0, 1e-6, 1.0]))
+def test_extreme_rewards_property(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], eps: float) -> None:
+    """For any finite float32 rewards and any valid mask: the normalising estimators are finite
+    and equal an exact reference (fractions via ``statistics``, in float64) to within the float32
+    rounding of the group's largest reward relative to its std; constant groups and invalid samples
+    are exactly 0; group-mean and RLOO either match their reference or raise ValueError exactly
+    when the reference is beyond float32's range."""
+    rewards, gid, valid = batch
+    f32max = float(torch.finfo(torch.float32).max)
+    for kind in ("group-normalized", "batch-whitened", "group-mean", "rloo"):
+        fn = ESTIMATORS[kind]
+        kwargs = {"eps": eps} if kind in ("group-normalized", "batch-whitened") else {}
+        want = reference_advantages(kind, rewards.double(), gid, eps=eps, valid=valid)
+        if kind in ("group-mean", "rloo") and bool((want.abs() > f32max).any()):
+            with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+                fn(rewards, gid, valid=valid, **kwargs)
+            continue
+        got = fn(rewards, gid, valid=valid, **kwargs)
+        assert got.dtype == torch.float32 and bool(torch.isfinite(got).all()), (kind, rewards, got)
+        assert torch.equal(got[~valid], torch.zeros_like(got[~valid]))
+        for idx in _groups(gid):
+            members = [int(i) for i in idx if bool(valid[i])]
+            values = [float(rewards[i]) for i in members]
+            if _is_constant(values):
+                assert torch.equal(got[idx], torch.zeros_like(got[idx])), (kind, values)
+                continue
+            _, std = _stdev_and_mean(values)
+            peak = max(abs(v) for v in values)
+            # float32 rounding of sums / deviations ~ n·u·peak, relative to the spread std
+            unit = 8 * len(values) * 2.0**-24 * peak / std
+            if kind == "group-normalized":
+                tol = unit * (1.0 + float(want[members].abs().max()))
+            elif kind == "batch-whitened":
+                continue  # the batch std mixes groups: checked as a whole below
+            else:
+                tol = unit * std * 2 + 1e-45
+            err = (got[members].double() - want[members]).abs().max().item()
+            assert err <= tol, (kind, values, got[members], want[members])
+        if kind == "batch-whitened":
+            live = got != 0
+            if bool(live.any()):
+                # the result is x / std_batch: its own Bessel std over valid samples is ≈ 1 when eps ≪ std
+                assert float(got.abs().max()) <= math.sqrt(max(int(valid.sum()) - 1, 1)) + 1e-3
+
+
+MALFORMED: dict[str, tuple[Callable[[], tuple[object, object, dict]], str]] = {
+    "rewards-2d": (
+        lambda: (torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), {}),
+        r"'rewards' must have shape \[N\]",
+    ),
+    "rewards-int": (
+        lambda: (torch.tensor([1, 2]), torch.zeros(2, dtype=torch.long), {}),
+        "'rewards' must be a floating",
+    ),
+    "rewards-list": (
+        lambda: ([1.0, 2.0], torch.zeros(2, dtype=torch.long), {}),
+        "'rewards' must be a torch.Tensor",
+    ),
+    "rewards-empty": (lambda: (torch.zeros(0), torch.zeros(0, dtype=torch.long), {}), "'rewards' is empty"),
+    "rewards-nan": (
+        lambda: (torch.tensor([1.0, float("nan")]), torch.zeros(2, dtype=torch.long), {}),
+        "NaN or ±inf",
+    ),
+    "rewards-inf": (
+        lambda: (torch.tensor([float("inf"), 1.0]), torch.zeros(2, dtype=torch.long), {}),
+        "NaN or ±inf",
+    ),
+    "ids-float": (lambda: (torch.zeros(2), torch.zeros(2), {}), "'group_ids' must be an integer tensor"),
+    "ids-bool": (
+        lambda: (torch.zeros(2), torch.zeros(2, dtype=torch.bool), {}),
+        "'group_ids' must be an integer",
+    ),
+    "ids-list": (lambda: (torch.zeros(2), [0, 0], {}), "'group_ids' must be an integer tensor"),
+    "ids-shape": (
+        lambda: (torch.zeros(2), torch.zeros(3, dtype=torch.long), {}),
+        r"'group_ids' must have shape \[N\] = \[2\]",
+    ),
+    "valid-int": (
+        lambda: (
+            torch.zeros(2),
+            torch.zeros(2, dtype=torch.long),
+            {"valid": torch.ones(2, dtype=torch.long)},
+        ),
+        "'reward_valid' must be a bool tensor",
+    ),
+    "valid-shape": (
+        lambda: (
+            torch.zeros(2),
+            torch.zeros(2, dtype=torch.long),
+            {"valid": torch.ones(3, dtype=torch.bool)},
+        ),
+        "'reward_valid' must be a bool tensor of shape \\[2\\]",
+    ),
+    "valid-list": (
+        lambda: (torch.zeros(2), torch.zeros(2, dtype=torch.long), {"valid": [True, True]}),
+        "'reward_valid' must be a bool tensor",
+    ),
+}
+
+
+@settings(max_examples=100)
+@given(
+    case=st.sampled_from(sorted(MALFORMED)),
+    kind=st.sampled_from(sorted(ESTIMATORS)),
+    eps=st.one_of(st.just(1e-6), st.sampled_from([-1.0, float("nan"), -1e-300, "abc"])),
+)
+def test_malformed_inputs_are_value_errors(case: str, kind: str, eps: object) -> None:
+    """Any malformed argument, alone or with a bad eps: a ValueError that names it; never a
+    crash inside torch, never a silent result."""
+    make, message = MALFORMED[case]
+    rewards, gid, kwargs = make()
+    fn = ESTIMATORS[kind]
+    if kind in ("group-normalized", "batch-whitened"):
+        kwargs = {**kwargs, "eps": eps}
+        if eps != 1e-6:
+            message = "eps"
+    with pytest.raises(ValueError, match=message):
+        fn(rewards, gid, **kwargs)
