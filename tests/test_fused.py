@@ -453,10 +453,10 @@ def test_auto_backend_on_cpu() -> None:
         assert torch.equal(auto.grads[k], torch_.grads[k])
 
 
-def frozen_weight_check(dtype: torch.dtype, backend: str) -> None:
+def frozen_weight_check(dtype: torch.dtype, backend: str, device: str = "cpu") -> None:
     """Weight frozen: no [V, H] tensor allocated in the backward; hidden/bias gradients unchanged
     and still equal to the reference."""
-    p = make_problem((2, 9), 5, 37, dtype=dtype, temperature=1.7, chunk_size=4, seed=3)
+    p = problem_to(make_problem((2, 9), 5, 37, dtype=dtype, temperature=1.7, chunk_size=4, seed=3), device)
     full = run_library(p, backend=backend)
 
     leaves = _leaves(p, freeze_weight=True)
@@ -485,13 +485,14 @@ def test_frozen_weight(dtype: torch.dtype) -> None:
     frozen_weight_check(dtype, "torch")
 
 
-def large_offset_check(dtype: torch.dtype, backend: str, offset: float) -> None:
+def large_offset_check(dtype: torch.dtype, backend: str, offset: float, device: str = "cpu") -> None:
     """All logits shifted by a common ``offset`` (through the bias): log-probs and entropies are
     unchanged in exact arithmetic, and the float tolerance K·(1 + ζ) grows linearly with the
     shift, as the rounding of each shifted logit does (an eager float32 log_softmax, and
     −Σ p (z − lse), are within it). A formula whose error grows like ε·ζ², such as
     lse − Σ_v p_v z_v with Σ_v p_v ≠ 1 by O(εζ), fails it."""
     p = make_problem((3, 7), 12, 90, dtype=dtype, temperature=0.5, chunk_size=5, seed=13, offset=offset)
+    p = problem_to(p, device)
     check_problem(p, backend=backend)
 
 
@@ -582,7 +583,10 @@ def _error_cases() -> list[tuple[str, dict, str]]:
         ),
         "temperature-zero": case("temperature must be in (0.0, inf), got 0.0", temperature=0.0),
         "temperature-negative": case("temperature must be in (0.0, inf), got -1.0", temperature=-1.0),
-        "temperature-nan": case("temperature must be in (0.0, inf), got nan", temperature=float("nan")),
+        "temperature-nan": case("temperature must be", temperature=float("nan")),
+        "chunk-string": case("chunk_size must be an integer >= 1, got str '3'", chunk_size="3"),
+        "chunk-float": case("chunk_size must be an integer >= 1, got float 2.5", chunk_size=2.5),
+        "chunk-bool": case("chunk_size must be an integer >= 1, got bool True", chunk_size=True),
         "backend": case("backend must be one of ['auto', 'torch', 'triton'], got 'cuda'", backend="cuda"),
         "chunk-zero": case("chunk_size must be >= 1, got 0", chunk_size=0),
         "chunk-negative": case("chunk_size must be >= 1, got -3", chunk_size=-3),
@@ -614,9 +618,12 @@ MEM_SHAPE, MEM_WIDTH, MEM_VOCAB, MEM_CHUNK = (4, 16), 6, 50, 8
 MEM_ROWS = math.prod(MEM_SHAPE)
 
 
-def _memory_problem(chunk_size: int, dtype: torch.dtype = torch.float32) -> Problem:
-    return make_problem(
-        MEM_SHAPE, MEM_WIDTH, MEM_VOCAB, dtype=dtype, temperature=0.7, chunk_size=chunk_size, seed=5
+def _memory_problem(chunk_size: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
+    return problem_to(
+        make_problem(
+            MEM_SHAPE, MEM_WIDTH, MEM_VOCAB, dtype=dtype, temperature=0.7, chunk_size=chunk_size, seed=5
+        ),
+        device,
     )
 
 
@@ -643,10 +650,10 @@ def test_saved_tensors_are_small() -> None:
     assert max(saved) >= MEM_ROWS * MEM_VOCAB
 
 
-def one_chunk_check(backend: str, chunk: int) -> None:
+def one_chunk_check(backend: str, chunk: int, device: str = "cpu") -> None:
     """Forward and backward of a float32 problem under the probe: no storage above chunk·V float32
     elements (chunk < M), while chunk = M shows the M×V allocation."""
-    p = _memory_problem(chunk)
+    p = _memory_problem(chunk, device=device)
     leaves = _leaves(p)
     with AllocationProbe() as probe:
         lp, ent = call_library(p, leaves, backend=backend, chunk_size=chunk)
@@ -663,7 +670,7 @@ def one_chunk_check(backend: str, chunk: int) -> None:
     assert_matches_reference(p, got)
 
     # The probe sees a full [M, V] buffer when one chunk is all the rows.
-    p = _memory_problem(MEM_ROWS)
+    p = _memory_problem(MEM_ROWS, device=device)
     leaves = _leaves(p)
     with AllocationProbe() as probe:
         lp, ent = call_library(p, leaves, backend=backend, chunk_size=MEM_ROWS)
@@ -673,3 +680,166 @@ def one_chunk_check(backend: str, chunk: int) -> None:
 
 def test_never_more_than_one_chunk_of_logits() -> None:
     one_chunk_check("torch", MEM_CHUNK)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite inputs: banned tokens (−inf bias) and NaN padding (issue 13)
+# ---------------------------------------------------------------------------------------------
+
+
+def with_banned_columns(p: Problem, banned: list[int]) -> tuple[Problem, torch.Tensor]:
+    """The problem ``p`` (its vocabulary V) embedded in a vocabulary of V + len(banned) whose
+    ``banned`` columns have bias −inf (and random weight rows): a banned token has p = 0, so the
+    log-probs, entropies and the gradients of the kept columns are those of ``p`` exactly, and the
+    banned columns' weight and bias gradients are 0. Returns (full problem, kept column ids)."""
+    vocab = p.weight.shape[0] + len(banned)
+    banned_mask = torch.zeros(vocab, dtype=torch.bool)
+    banned_mask[banned] = True
+    kept = torch.nonzero(~banned_mask).flatten()
+    gen = torch.Generator().manual_seed(99)
+    weight = torch.randn(vocab, p.weight.shape[1], generator=gen, dtype=torch.float64).to(p.weight.dtype)
+    weight[kept] = p.weight
+    bias = torch.zeros(vocab, dtype=p.weight.dtype)
+    if p.bias is not None:
+        bias[kept] = p.bias
+    bias[banned_mask] = float("-inf")
+    targets = torch.where(p.targets == IGNORE, p.targets, kept[p.targets.clamp(min=0)])
+    full = Problem(
+        hidden=p.hidden,
+        weight=weight,
+        bias=bias,
+        targets=targets,
+        temperature=p.temperature,
+        chunk_size=p.chunk_size,
+        with_entropy=p.with_entropy,
+        grad_lp=p.grad_lp,
+        grad_ent=p.grad_ent,
+        recipe=p.recipe + f", banned={banned}",
+    )
+    return full, kept
+
+
+def banned_token_check(
+    dtype: torch.dtype, backend: str, vocab: int, banned: list[int], *, seed: int = 0, device: str = "cpu"
+) -> None:
+    """−inf in the bias with return_entropy=True: finite entropies and gradients, equal to the
+    float64 reference of the same problem without the banned columns (independent: materialised
+    logits, log_softmax), and 0 gradient for the banned columns. Also: eager float32
+    ``log_softmax`` on the full logits (−inf included) gives finite log-probs and log-prob
+    gradients, and so does the library, within float32 rounding of it."""
+    kept_vocab = vocab - len(banned)
+    p = make_problem((3, 7), 10, kept_vocab, dtype=dtype, temperature=0.7, chunk_size=4, seed=seed)
+    full, kept = with_banned_columns(p, banned)
+    p, full = problem_to(p, device), problem_to(full, device)
+    got = run_library(full, backend=backend)
+    assert got.entropy is not None and bool(torch.isfinite(got.entropy).all()), got.entropy
+    assert bool(torch.isfinite(got.log_probs).all())
+    for k, g in got.grads.items():
+        assert bool(torch.isfinite(g).all()), f"d{k} is not finite"
+    banned_t = torch.tensor(banned, device=device)
+    assert torch.equal(got.grads["weight"][banned_t], torch.zeros_like(got.grads["weight"][banned_t]))
+    assert torch.equal(got.grads["bias"][banned_t], torch.zeros_like(got.grads["bias"][banned_t]))
+    # the kept columns are exactly the reduced problem: compare with its float64 reference
+    reduced = Outcome(
+        got.log_probs,
+        got.entropy,
+        {
+            "hidden": got.grads["hidden"],
+            "weight": got.grads["weight"][kept.to(device)],
+            "bias": got.grads["bias"][kept.to(device)],
+        },
+    )
+    baseline = eager_baseline(p) if dtype == torch.bfloat16 else None
+    assert_matches_reference(p, reduced, baseline=baseline)
+
+    # eager float32 log_softmax of the full logits, −inf included, log-probs only
+    leaves = {k: v.float().detach().clone().requires_grad_() for k, v in _leaves(full).items()}
+    logits = (leaves["hidden"] @ leaves["weight"].T + leaves["bias"]) / full.temperature
+    lp_eager, _ = _per_token(torch.log_softmax(logits, dim=-1), full.targets)
+    (lp_eager * full.grad_lp.float()).sum().backward()
+    only_lp = Problem(**{**full.__dict__, "with_entropy": False})
+    lib = run_library(only_lp, backend=backend)
+    for k in ("hidden", "weight", "bias"):
+        eager_grad = leaves[k].grad
+        assert eager_grad is not None and bool(torch.isfinite(eager_grad).all()), k
+        assert bool(torch.isfinite(lib.grads[k]).all()), k
+    if dtype == torch.float32:
+        torch.testing.assert_close(lib.log_probs, lp_eager.detach(), rtol=1e-5, atol=1e-5)
+        for k in ("hidden", "weight", "bias"):
+            torch.testing.assert_close(lib.grads[k], leaves[k].grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("banned", [[3], [0, 1, 2, 40], list(range(0, 60, 2))], ids=["one", "four", "half"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_banned_token_entropy_and_gradients_are_finite(dtype: torch.dtype, banned: list[int]) -> None:
+    banned_token_check(dtype, "torch", 60, banned)
+
+
+def nan_padding_check(dtype: torch.dtype, backend: str, device: str = "cpu") -> None:
+    """NaN / ±inf hidden states at ignored targets: outputs and every gradient are bit-identical to
+    the same problem with finite values there (padding is inert), and finite; the ignored rows'
+    hidden gradient is exactly 0."""
+    p = make_problem((4, 6), 9, 45, dtype=dtype, temperature=0.8, chunk_size=5, seed=21, ignored=0.4)
+    p = problem_to(p, device)
+    ignored = p.targets == IGNORE
+    assert 0 < int(ignored.sum()) < p.rows
+    clean = run_library(p, backend=backend)
+    poison = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=dtype, device=device)
+    hidden = p.hidden.clone()
+    rows = torch.nonzero(ignored)
+    for n, (i, j) in enumerate(rows.tolist()):
+        hidden[i, j] = poison[n % 3]
+        if n % 4 == 0:
+            hidden[i, j, 0] = 1.0  # a partly NaN row
+    dirty = run_library(Problem(**{**p.__dict__, "hidden": hidden}), backend=backend)
+    assert torch.equal(dirty.log_probs, clean.log_probs)
+    assert dirty.entropy is not None and clean.entropy is not None
+    assert torch.equal(dirty.entropy, clean.entropy)
+    for k, g in dirty.grads.items():
+        assert bool(torch.isfinite(g).all()), f"d{k} is not finite with NaN padding"
+        assert torch.equal(g, clean.grads[k]), k
+    assert bool((dirty.grads["hidden"][ignored] == 0).all())
+    assert_matches_reference(p, clean, baseline=eager_baseline(p) if dtype == torch.bfloat16 else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_nan_hidden_at_ignored_targets_is_inert(dtype: torch.dtype) -> None:
+    nan_padding_check(dtype, "torch")
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not Triton's "0 active drivers": a ValueError that says what the backend needs."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hidden, weight = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(
+        ValueError, match=r"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 .*on 'cpu'"
+    ):
+        linear_log_probs(hidden, weight, torch.zeros(4, dtype=torch.long), backend="triton")
+    # "auto" and "torch" are unaffected
+    assert linear_log_probs(hidden, weight, torch.zeros(4, dtype=torch.long), backend="auto").shape == (4,)
+
+
+def test_auto_resolves_to_torch_on_every_device() -> None:
+    """Until the Triton kernels have passed on a real GPU, "auto" is the torch backend on CUDA too."""
+    from gspo_components.fused import resolve_backend
+
+    for device in ("cpu", "cuda", "meta"):
+        assert resolve_backend("auto", torch.device(device)) == "torch", device
+    assert resolve_backend("torch", torch.device("cuda")) == "torch"
+    assert resolve_backend("triton", torch.device("cuda")) == "triton"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_auto_backend_on_cuda_is_the_torch_backend() -> None:
+    p = make_problem((3, 5), 7, 11, dtype=torch.float32, temperature=0.8, chunk_size=4)
+    p = problem_to(p, "cuda")
+    auto, torch_ = run_library(p, backend="auto"), run_library(p, backend="torch")
+    assert torch.equal(auto.log_probs, torch_.log_probs)
+    for k in torch_.grads:
+        assert torch.equal(auto.grads[k], torch_.grads[k])
+
+
+def problem_to(p: Problem, device: str) -> Problem:
+    """The same problem with every tensor on ``device``."""
+    fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in p.__dict__.items()}
+    return Problem(**fields)

@@ -1,7 +1,8 @@
 """Fused log-probs tests for ``linear_log_probs(backend="triton")`` (property 15 of ALGORITHMS.md).
 
 Without a GPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py before the kernel
-module is imported), so the shapes are small: M ≤ 40, H ≤ 48, V ≤ 100 (the interpreter's tiles
+module is imported) on CPU tensors; with one, every test here runs the compiled kernels on CUDA
+tensors (``DEVICE``). The shapes are small for the interpreter: M ≤ 40, H ≤ 48, V ≤ 100 (the interpreter's tiles
 are BLOCK_M = 16, BLOCK_V = 32, BLOCK_K = 16, so most drawn V and H are not tile multiples). The
 references, tolerances and probes are those of test_fused.py (independent float64 computations;
 see its docstring).
@@ -24,7 +25,16 @@ Proves, for ``backend="triton"``:
   and hidden/bias gradients are unchanged and correct;
 - ``test_triton_never_more_than_one_chunk_of_logits``: the forward never stores logits (no storage
   above the inputs), the backward holds at most one chunk (16 rows) of ∂Z, and the probe sees an
-  M×V buffer when the chunk is all M rows.
+  M×V buffer when the chunk is all M rows;
+- ``test_triton_banned_token``: a −inf bias (one column; a whole first vocabulary tile of 32, so
+  a row's running max is −inf for a whole tile) with ``return_entropy=True`` gives finite
+  entropies and gradients equal to the reference without the banned columns, and zero gradient
+  for the banned columns (see ``banned_token_check`` in test_fused.py);
+- ``test_triton_nan_hidden_at_ignored_targets``: NaN / ±inf hidden rows at ignored targets change
+  no output and no gradient bit, and every gradient is finite;
+- ``test_triton_on_cuda_matches_eager`` (only with a CUDA GPU; skipped otherwise): the compiled
+  kernels, not the interpreter, against the float64 reference and the eager float32
+  ``log_softmax``, at the interpreter's shapes and at a shape of several GPU tiles.
 """
 
 from __future__ import annotations
@@ -34,17 +44,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_fused import (
+    banned_token_check,
     check_problem,
     frozen_weight_check,
     large_offset_check,
     make_problem,
+    nan_padding_check,
     one_chunk_check,
+    problem_to,
     problems,
+    run_library,
 )
 
 from gspo_components.fused import linear_log_probs
 
 DTYPES = [torch.float32, torch.bfloat16]
+# With a GPU the compiled kernels run on CUDA tensors; without one, the interpreter on CPU tensors.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -52,7 +68,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 @given(data=st.data())
 def test_triton_matches_float64_reference(dtype: torch.dtype, data: st.DataObject) -> None:
     p = data.draw(problems(dtype=dtype, max_rows=40, max_width=48, max_vocab=100))
-    check_problem(p, backend="triton")
+    check_problem(problem_to(p, DEVICE), backend="triton")
 
 
 FIXED_CASES = {
@@ -70,7 +86,8 @@ FIXED_CASES = {
 @pytest.mark.parametrize("case", list(FIXED_CASES))
 def test_triton_fixed_cases(case: str, dtype: torch.dtype) -> None:
     shape, width, vocab, kwargs = FIXED_CASES[case]
-    check_problem(make_problem(shape, width, vocab, dtype=dtype, seed=7, **kwargs), backend="triton")
+    p = make_problem(shape, width, vocab, dtype=dtype, seed=7, **kwargs)
+    check_problem(problem_to(p, DEVICE), backend="triton")
 
 
 # Under the numpy interpreter the grad kernel's padded rows (beyond M, masked out of every store)
@@ -79,19 +96,60 @@ def test_triton_fixed_cases(case: str, dtype: torch.dtype) -> None:
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
 @pytest.mark.parametrize("offset", [100.0, 1000.0])
 def test_triton_large_logit_offset(offset: float) -> None:
-    large_offset_check(torch.float32, "triton", offset)
+    large_offset_check(torch.float32, "triton", offset, device=DEVICE)
 
 
 def test_triton_rejects_float64() -> None:
-    hidden, weight = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    hidden = torch.randn(4, 3, dtype=torch.float64, device=DEVICE)
+    weight = torch.randn(5, 3, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="triton backend takes float32/bf16/fp16, got float64"):
-        linear_log_probs(hidden, weight, torch.zeros(4, dtype=torch.long), backend="triton")
+        linear_log_probs(hidden, weight, torch.zeros(4, dtype=torch.long, device=DEVICE), backend="triton")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_frozen_weight(dtype: torch.dtype) -> None:
-    frozen_weight_check(dtype, "triton")
+    frozen_weight_check(dtype, "triton", device=DEVICE)
 
 
 def test_triton_never_more_than_one_chunk_of_logits() -> None:
-    one_chunk_check("triton", 16)
+    one_chunk_check("triton", 16, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    ("vocab", "banned"), [(77, [5]), (77, list(range(32))), (40, [0, 39])], ids=["one", "first-tile", "edges"]
+)
+def test_triton_banned_token(vocab: int, banned: list[int]) -> None:
+    banned_token_check(torch.float32, "triton", vocab, banned, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_nan_hidden_at_ignored_targets(dtype: torch.dtype) -> None:
+    nan_padding_check(dtype, "triton", device=DEVICE)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: this checks the compiled Triton kernels, which the CPU interpreter does not run",
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_on_cuda_matches_eager(dtype: torch.dtype) -> None:
+    """On a real GPU: the fixed cases, a shape spanning several GPU tiles (BLOCK_M = 64,
+    BLOCK_V = 128, BLOCK_K = 64, none of them dividing M, V or H), and the torch backend on the
+    same device, against the independent float64 reference (bf16: also eager bf16)."""
+    cases = [
+        make_problem(shape, width, vocab, dtype=dtype, seed=7, **kw)
+        for shape, width, vocab, kw in FIXED_CASES.values()
+    ]
+    cases.append(make_problem((3, 101), 200, 1000, dtype=dtype, seed=3, temperature=0.7, chunk_size=130))
+    cases.append(make_problem((300,), 96, 4099, dtype=dtype, seed=4, scale=5.0, ignored=0.1))
+    for p in cases:
+        p = problem_to(p, "cuda")
+        check_problem(p, backend="triton")
+        got, ref = run_library(p, backend="triton"), run_library(p, backend="torch")
+        assert got.log_probs.device.type == "cuda"
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(
+            got.log_probs, ref.log_probs, rtol=tol, atol=tol * (1 + float(ref.log_probs.abs().max()))
+        )
+    banned_token_check(torch.float32, "triton", 300, list(range(128)), device="cuda")  # a whole GPU tile
+    nan_padding_check(dtype, "triton", device="cuda")

@@ -15,17 +15,26 @@ Backends:
 - ``"triton"``: a Triton kernel family (CUDA; runs on the CPU under ``TRITON_INTERPRET=1`` for
   tests) with an online log-sum-exp over vocabulary tiles: the forward never writes logits to
   memory; the backward recomputes them tile by tile.
-- ``"auto"``: ``"triton"`` on CUDA when Triton is importable, else ``"torch"``.
+- ``"auto"``: ``"torch"`` everywhere, for now. The Triton kernels have only run under the CPU
+  interpreter; until they have passed their tests on a real GPU, ``"auto"`` does not pick them
+  on CUDA (see :func:`resolve_backend`). Ask for ``backend="triton"`` explicitly to use them.
+
+Non-finite inputs stay inert, as in eager ``log_softmax``: a −inf logit (a banned token's −inf
+bias) gives p = 0 and adds 0 to the entropy and to every gradient (0·(−inf) is taken as 0), and
+the hidden rows of ignored targets are read as zeros, so NaN padding reaches no gradient.
 """
 
 from __future__ import annotations
+
+import numbers
+import os
 
 import torch
 
 from .._checks import check_float, check_range
 from .torch_chunked import ChunkedLinearLogProbs
 
-__all__ = ["BACKENDS", "default_chunk_size", "linear_log_probs"]
+__all__ = ["BACKENDS", "default_chunk_size", "linear_log_probs", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "triton")
 IGNORE_INDEX = -100
@@ -51,6 +60,33 @@ def _triton_available() -> bool:
     return True
 
 
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs for ``backend`` on ``device``: ``"torch"`` or ``"triton"``.
+
+    ``"auto"`` is ``"torch"`` on every device, CUDA included: the Triton kernels have passed
+    their tests only under ``TRITON_INTERPRET=1`` on a CPU, never compiled on a GPU, so they are
+    not the default until they have. ``"triton"`` needs a CUDA tensor, or ``TRITON_INTERPRET=1``
+    set before Triton is imported (the CPU interpreter, for tests); otherwise it is a
+    ``ValueError`` (rather than Triton's "0 active drivers").
+    """
+    where = "linear_log_probs"
+    if backend not in BACKENDS:
+        raise ValueError(f"{where}: backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "torch"
+    if backend == "triton":
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        if device.type != "cuda" and not interpret:
+            raise ValueError(
+                f"{where}: backend='triton' needs a CUDA device or TRITON_INTERPRET=1 (the CPU "
+                f"interpreter, set before triton is imported), got tensors on {device.type!r}; use "
+                "backend='torch' or 'auto' there"
+            )
+        if not _triton_available():
+            raise ValueError(f"{where}: backend='triton' needs the triton package, which does not import")
+    return backend
+
+
 def linear_log_probs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -69,12 +105,13 @@ def linear_log_probs(
         hidden: [..., H] final hidden states (any float dtype).
         weight: [V, H] LM-head weight; its gradient is skipped when it does not require grad.
         targets: [...] token ids; entries equal to ``ignore_index`` get log-prob 0, entropy 0 and
-            no gradient.
+            no gradient, whatever their hidden row holds (NaN included).
         temperature: τ > 0, applied to the logits (as the sampler did).
-        bias: optional [V].
+        bias: optional [V]; −inf bans a token (p = 0; entropy and gradients stay finite).
         chunk_size: rows per chunk (``"torch"``) or per launch (``"triton"``); default: see
             :func:`default_chunk_size`.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (currently ``"torch"`` everywhere; see :func:`resolve_backend`),
+            ``"torch"`` or ``"triton"`` (CUDA, or the CPU interpreter under TRITON_INTERPRET=1).
         return_entropy: also return the per-token entropy of the tempered distribution.
 
     Returns:
@@ -105,8 +142,7 @@ def linear_log_probs(
         if tuple(bias.shape) != (vocab,):
             raise ValueError(f"{where}: 'bias' must have shape [V] = [{vocab}], got {list(bias.shape)}")
     temperature = check_range(where, "temperature", temperature, 0.0, None, low_inclusive=False)
-    if backend not in BACKENDS:
-        raise ValueError(f"{where}: backend must be one of {list(BACKENDS)}, got {backend!r}")
+    backend = resolve_backend(backend, hidden.device)
     if hidden.dtype != weight.dtype:
         raise ValueError(
             f"{where}: 'hidden' and 'weight' must share a dtype, got {hidden.dtype} and {weight.dtype}"
@@ -126,12 +162,14 @@ def linear_log_probs(
     rows = h2.shape[0]
     if chunk_size is None:
         chunk_size = default_chunk_size(rows, vocab, h2.device)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise ValueError(
+            f"{where}: chunk_size must be an integer >= 1, got {type(chunk_size).__name__} {chunk_size!r}"
+        )
     elif int(chunk_size) < 1:
         raise ValueError(f"{where}: chunk_size must be >= 1, got {chunk_size}")
     chunk_size = int(chunk_size)
 
-    if backend == "auto":
-        backend = "triton" if h2.is_cuda and _triton_available() else "torch"
     if rows == 0:
         out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         empty = hidden.new_zeros(batch_shape, dtype=out_dtype) + 0.0 * hidden.sum()

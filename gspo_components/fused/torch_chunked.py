@@ -9,11 +9,34 @@ logits (into one reused buffer, transformed in place) and applies
 
 then ∂/∂h = (∂/∂z) W / τ, ∂/∂W = (∂/∂z)ᵀ h / τ, ∂/∂b = Σ_rows ∂/∂z / τ. At most one chunk of
 logits is alive at any time (two while the entropy's gradient is formed).
+
+Two guards keep non-finite inputs inert, as eager ``log_softmax`` does:
+
+- a logit of −inf (a banned token, through a −inf bias) has p = 0, and its terms p·z in the
+  entropy and p·(log p + H) in the entropy's gradient are 0 (the limit p log p → 0), not
+  0·(−inf) = NaN: shifted logits below the log of the dtype's smallest positive number, where
+  e^z is exactly 0, are clamped to that floor before they multiply anything;
+- the hidden rows of ignored targets are replaced by zeros, one chunk at a time, before any
+  matmul, so NaN or ±inf there (padding) cannot reach ∂W, ∂b or ∂h through 0·NaN.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def log_floor(dtype: torch.dtype) -> float:
+    """A shifted logit (or log-prob) below which e^z is exactly 0 in ``dtype``: the log of its
+    smallest positive (subnormal) number, minus a margin."""
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    return math.log(tiny) - 8.0
+
+
+def live_rows(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``hidden`` with the rows of ignored targets set to 0 (so NaN padding stays inert)."""
+    return torch.where(valid.unsqueeze(1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
 
 
 def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -80,15 +103,19 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         entropy = torch.zeros(m if with_entropy else 0, dtype=out_dtype, device=hidden.device)
         lse = torch.empty(m, dtype=out_dtype, device=hidden.device)
         buf = torch.empty(min(chunk_size, m), weight.shape[0], dtype=out_dtype, device=hidden.device)
+        floor = log_floor(out_dtype)
         for start in range(0, m, chunk_size):
             stop = min(start + chunk_size, m)
-            z = chunk_logits(hidden[start:stop], weight, bias, temperature, out=buf[: stop - start])
+            h_c = live_rows(hidden[start:stop], valid[start:stop])
+            z = chunk_logits(h_c, weight, bias, temperature, out=buf[: stop - start])
             target_logit = z.gather(1, targets[start:stop].unsqueeze(1)).squeeze(1)
             row_max = z.amax(dim=-1, keepdim=True)
             z.sub_(row_max)  # z − max ≤ 0
             if with_entropy:
                 # H = log s − Σ e (z − max) / s with e = exp(z − max), s = Σ e: every term is
                 # bounded, so the rounding stays at ε·|z|, not ε·|z|² as lse − Σ p z would give.
+                # Clamping where e^z is already 0 turns −inf logits' 0·(−inf) into 0·floor = 0.
+                z.clamp_(min=floor)
                 e = torch.exp(z)
                 s = e.sum(-1)
                 e_dot_z = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).reshape(-1)  # Σ_v e z, no temp
@@ -123,10 +150,12 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
         use_entropy = ctx.with_entropy and grad_entropy is not None
         buf = torch.empty(min(ctx.chunk_size, m), weight.shape[0], dtype=lse.dtype, device=hidden.device)
+        floor = log_floor(lse.dtype)
         for start in range(0, m, ctx.chunk_size):
             stop = min(start + ctx.chunk_size, m)
             rows_valid = valid[start:stop]
-            dz = chunk_logits(hidden[start:stop], weight, bias, tau, out=buf[: stop - start])
+            h_c = live_rows(hidden[start:stop], rows_valid)
+            dz = chunk_logits(h_c, weight, bias, tau, out=buf[: stop - start])
             dz.sub_(lse[start:stop].unsqueeze(1))  # log p
             g = torch.zeros(stop - start, dtype=dz.dtype, device=dz.device)
             if grad_log_probs is not None:
@@ -134,6 +163,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
             if use_entropy:
                 # dz = −p (g + g_H (log p + H)) + g·1[v = y]
                 gh = torch.where(rows_valid, grad_entropy[start:stop].to(dz.dtype), 0.0)
+                dz.clamp_(min=floor)  # p = 0 there either way; keeps p·(log p + H) at 0, not NaN
                 p = torch.exp(dz)
                 dz.add_(entropy[start:stop].unsqueeze(1)).mul_(gh.unsqueeze(1)).add_(g.unsqueeze(1))
                 dz.mul_(p).neg_()
@@ -150,9 +180,9 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
                 torch.mm(dz_in, weight, out=grad_h[start:stop])
             if grad_w is not None:
                 if dz_in.dtype == acc_dtype:
-                    grad_w.addmm_(dz_in.t(), hidden[start:stop])
+                    grad_w.addmm_(dz_in.t(), h_c)
                 else:
-                    grad_w += _matmul_f32(dz_in.t(), hidden[start:stop])
+                    grad_w += _matmul_f32(dz_in.t(), h_c)
         return (
             grad_h,
             None if grad_w is None else grad_w.to(weight.dtype),

@@ -12,6 +12,11 @@ writes the tile's ∂/∂z = g (1[v=y] − p) − g_H p (log p + H), divided by 
 two library matmuls then give ∂h = ∂Z W and ∂W += ∂Zᵀ h (float32 accumulation), and ∂b the
 column sum. Only one chunk of ∂Z is alive at a time.
 
+Non-finite inputs stay inert as in eager ``log_softmax``: the kernels read h = 0 for rows whose
+target is ignored (so NaN padding reaches no sum, and the backward's ∂W matmul sees those rows as
+zeros), the online log-sum-exp shifts by 0 while a row's running max is still −inf, and the
+p·z and p·(log p + H) terms are 0 where p = 0 (a −inf logit from a banned token's −inf bias).
+
 On a CPU the same kernels run under ``TRITON_INTERPRET=1`` (slowly; for tests at small shapes).
 """
 
@@ -23,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .torch_chunked import _matmul_f32
+from .torch_chunked import _matmul_f32, live_rows
 
 
 @triton.jit
@@ -85,6 +90,7 @@ def _forward_kernel(
     w_ptr,
     b_ptr,
     y_ptr,
+    valid_ptr,
     lse_ptr,
     target_ptr,
     pz_ptr,
@@ -106,6 +112,8 @@ def _forward_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
+    # rows of ignored targets read h = 0, so NaN padding never enters a sum
+    live = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
     y = tl.load(y_ptr + rows, mask=row_ok, other=0)
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_M,), tl.float32)
@@ -120,7 +128,7 @@ def _forward_kernel(
             b_ptr,
             rows,
             cols,
-            row_ok,
+            live,
             col_ok,
             width,
             stride_hm,
@@ -136,11 +144,15 @@ def _forward_kernel(
         )
         z = tl.where(col_ok[None, :], z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        rescale = tl.exp(run_max - new_max)
-        e = tl.exp(z - new_max[:, None])
+        # While every logit seen is −inf (banned tokens through a −inf bias), shift by 0, not by
+        # −inf: −inf − (−inf) would be NaN. e^{−inf} = 0 keeps the sums exact either way.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp(run_max - shift)
+        e = tl.exp(z - shift[:, None])
         run_sum = run_sum * rescale + tl.sum(e, axis=1)
         if WITH_ENTROPY:
-            run_pz = run_pz * rescale + tl.sum(e * tl.where(col_ok[None, :], z, 0.0), axis=1)
+            # p·z is 0 where p = 0 (a −inf logit), not 0·(−inf) = NaN
+            run_pz = run_pz * rescale + tl.sum(e * tl.where(e > 0.0, z, 0.0), axis=1)
         run_max = new_max
         target += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
     lse = run_max + tl.log(run_sum)
@@ -156,6 +168,7 @@ def _grad_logits_kernel(
     w_ptr,
     b_ptr,
     y_ptr,
+    valid_ptr,
     lse_ptr,
     ent_ptr,
     g_ptr,
@@ -183,13 +196,14 @@ def _grad_logits_kernel(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < num_rows
     col_ok = cols < vocab
+    live = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
     z = _logits_tile(
         h_ptr,
         w_ptr,
         b_ptr,
         rows,
         cols,
-        row_ok,
+        live,
         col_ok,
         width,
         stride_hm,
@@ -212,7 +226,8 @@ def _grad_logits_kernel(
     if WITH_ENTROPY:
         gh = tl.load(gh_ptr + rows, mask=row_ok, other=0.0)
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-        dz -= gh[:, None] * p * (log_p + ent[:, None])
+        # p (log p + H) is 0 where p = 0 (a −inf logit), not 0·(−inf) = NaN
+        dz -= gh[:, None] * p * tl.where(p > 0.0, log_p + ent[:, None], 0.0)
     dz = dz / temperature
     tl.store(
         dz_ptr + rows[:, None] * stride_dm + cols[None, :],
@@ -259,11 +274,13 @@ class TritonLinearLogProbs(torch.autograd.Function):
         pz = torch.empty(rows if with_entropy else 1, dtype=torch.float32, device=dev)
         bm, bv, bk = _blocks(rows, width, hidden.is_cuda)
         bias_arg = bias if bias is not None else lse  # unused pointer when HAS_BIAS is False
+        valid_i8 = valid.to(torch.int8)  # bytes, not i1 pointers, for the kernels
         _forward_kernel[(triton.cdiv(rows, bm),)](
             hidden,
             weight,
             bias_arg,
             targets,
+            valid_i8,
             lse,
             target,
             pz,
@@ -310,12 +327,13 @@ class TritonLinearLogProbs(torch.autograd.Function):
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b else None
         bm, bv, bk = _blocks(rows, width, hidden.is_cuda)
         chunk = max(bm, (ctx.chunk_size // bm) * bm)
+        valid_i8 = valid.to(torch.int8)
         dz = torch.empty(min(chunk, rows), vocab, dtype=hidden.dtype, device=dev)
         bias_arg = bias if bias is not None else lse
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
             n = stop - start
-            h_c = hidden[start:stop]
+            h_c = live_rows(hidden[start:stop], valid[start:stop])  # NaN padding: 0, not 0·NaN in ∂W
             dz_c = dz[:n]
             grid = (triton.cdiv(n, bm), triton.cdiv(vocab, bv))
             _grad_logits_kernel[grid](
@@ -323,6 +341,7 @@ class TritonLinearLogProbs(torch.autograd.Function):
                 weight,
                 bias_arg,
                 targets[start:stop],
+                valid_i8[start:stop],
                 lse[start:stop],
                 ent[start:stop],
                 g[start:stop],
