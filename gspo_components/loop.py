@@ -11,6 +11,17 @@ Each step:
    on log-probs recomputed by the policy through the fused head;
 6. push the new weights into the sampler (``sampler.sync_weights(policy)``).
 
+Mixture-of-experts policies (``config.routing_replay``, see docs/moe.md):
+
+- ``None``: no replay. The π_old pass records the routing (or the sampler's ``routed_experts`` is
+  used with ``old_from_rollout=True``) and the π_θ passes only compare against it;
+- ``"R2"``: the π_old pass records the routing and every π_θ pass replays it;
+- ``"R3"``: the sampler's ``routed_experts`` (rollout routing) is replayed in the π_old pass and
+  in every π_θ pass.
+
+For MoE policies the loop logs ``routing_volatility`` and ``tokens_rerouted`` per step (means
+over the step's minibatches), measured in the π_θ forwards with or without replay.
+
 It logs reward, accuracy, clip fractions, KL, ratio statistics and tokens/s to a JSON-lines file
 and a progress bar, and saves / resumes checkpoints (policy, optimizer, learning-rate scheduler,
 sampler state, step, history, RNG). An optional ``lr_scheduler`` is stepped once per RL step,
@@ -27,12 +38,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from tensordict import NonTensorStack, TensorDictBase
 
 from ._module import key_of
+from .moe import RoutingReplay, routing_mask, routing_metrics
 from .recipes import Recipe
 from .scoring import Scorer
 
@@ -71,6 +83,7 @@ class RLConfig:
     log_path: Path | None = None
     progress: bool = True
     seed: int = 0
+    routing_replay: Literal["R2", "R3"] | None = None
 
 
 def _attach(td: TensorDictBase, fields: dict[str, list[Any]], repeat: int) -> None:
@@ -138,6 +151,41 @@ def _load(
     return int(ckpt["step"]), list(ckpt["history"])
 
 
+@dataclass(frozen=True)
+class _RoutingModes:
+    """The Scorers' routing options for one run (all None for a dense policy)."""
+
+    old: Literal["record", "replay"] | None
+    policy: Literal["replay", "compare"] | None
+    needs_rollout_routing: bool
+
+
+def _routing_modes(policy: torch.nn.Module, config: RLConfig) -> _RoutingModes:
+    mode = config.routing_replay
+    if mode not in (None, "R2", "R3"):
+        raise ValueError(f"RLConfig.routing_replay must be None, 'R2' or 'R3', got {mode!r}")
+    try:
+        RoutingReplay(policy)
+    except ValueError as err:
+        if mode is not None:
+            raise ValueError(
+                f"RLConfig.routing_replay={mode!r} needs a mixture-of-experts policy: {err}"
+            ) from None
+        return _RoutingModes(None, None, False)
+    if mode == "R3":
+        return _RoutingModes(None if config.old_from_rollout else "replay", "replay", True)
+    if config.old_from_rollout:
+        if mode == "R2":
+            raise ValueError(
+                "RLConfig.routing_replay='R2' records the routing in the π_old forward, but "
+                "old_from_rollout=True skips that forward; use 'R3' (rollout routing) or "
+                "old_from_rollout=False"
+            )
+        # No π_old forward to record in: measure against the sampler's routing when it has one.
+        return _RoutingModes(None, "compare", False)
+    return _RoutingModes("record", "replay" if mode == "R2" else "compare", False)
+
+
 def train(
     policy: torch.nn.Module,
     sampler: Sampler,
@@ -159,7 +207,9 @@ def train(
     ``lr_scheduler`` (any ``torch.optim.lr_scheduler``) is stepped once per RL step; the learning
     rate used by the step is logged as ``lr``.
     """
-    scorer = Scorer(policy, temperature=config.temperature)
+    routing = _routing_modes(policy, config)
+    scorer = Scorer(policy, temperature=config.temperature, routing=routing.policy)
+    plain_scorer = Scorer(policy, temperature=config.temperature) if routing.policy == "compare" else scorer
     loss_key = key_of(recipe.loss, "loss", output=True)
     # Each logged loss metric: (canonical name, the key the recipe writes it to, its reduction
     # over the step's minibatches).
@@ -172,7 +222,9 @@ def train(
             ("ratio_max", max),
         )
     ]  # fmt: skip
-    old_scorer = Scorer(policy, temperature=config.temperature, out_key="old_log_probs", grad=False)
+    old_scorer = Scorer(
+        policy, temperature=config.temperature, out_key="old_log_probs", grad=False, routing=routing.old
+    )
     ref_scorer = (
         Scorer(reference, temperature=config.temperature, out_key="ref_log_probs", grad=False)
         if reference is not None
@@ -202,6 +254,12 @@ def train(
             valid = td["reward_valid"]
             td["response_mask"] = td["response_mask"] & valid.unsqueeze(-1)
             td = recipe.advantage(td)
+            if routing.needs_rollout_routing and "routed_experts" not in td.keys():
+                raise ValueError(
+                    f"train: routing_replay={config.routing_replay!r} needs the sampler to return "
+                    "'routed_experts' (TransformersSampler(..., return_routed_experts=True), or "
+                    "VLLMSampler(..., return_routed_experts=True) on a GPU build of vLLM)"
+                )
             if config.old_from_rollout:
                 td["old_log_probs"] = td["rollout_log_probs"]
             else:
@@ -209,6 +267,11 @@ def train(
             if ref_scorer is not None:
                 td = ref_scorer(td)
             outputs: list[TensorDictBase] = []
+            routing_values: list[dict[str, torch.Tensor]] = []
+            # Without a routing to compare against (no π_old record, no rollout routing): no metrics.
+            step_scorer = (
+                scorer if routing.policy != "compare" or "routed_experts" in td.keys() else plain_scorer
+            )
             lr = float(optimizer.param_groups[0]["lr"])
             policy.train()
             for _ in range(config.epochs):
@@ -217,7 +280,13 @@ def train(
                     mb = td[chunk]
                     if not bool(mb["response_mask"].any()):
                         continue
-                    mb = scorer(mb)
+                    mb = step_scorer(mb)
+                    if step_scorer.routing is not None:
+                        routing_values.append(
+                            routing_metrics(
+                                mb["rerouted"], routing_mask(mb["prompt_mask"], mb["response_mask"])
+                            )
+                        )
                     out = recipe.loss(mb)
                     optimizer.zero_grad(set_to_none=True)
                     out[loss_key].backward()
@@ -249,6 +318,9 @@ def train(
                 values = [float(o[key]) for o in outputs if key in o.keys(include_nested=True)]
                 if values:
                     metrics[name] = reduce(values)
+            for name in ("routing_volatility", "tokens_rerouted"):
+                if routing_values:
+                    metrics[name] = _mean([float(v[name]) for v in routing_values])
             if on_step is not None:
                 extra = on_step(step + 1, metrics)
                 if extra:

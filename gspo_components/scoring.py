@@ -22,11 +22,24 @@ Fused head (default). The model runs to its last hidden state and
 ``[N, T, V]`` logits tensor is ever formed. ``fused=False`` materialises the logits instead
 (useful as a reference). Models whose head is not a plain linear map (final logit soft-capping,
 scaled logits) are refused on the fused path.
+
+Routing (mixture-of-experts models). ``routing=`` makes the forward record or replay the expert
+routing through :class:`~gspo_components.moe.RoutingReplay`, in the ``routed_experts`` layout
+[N, P + T, L, K] of :mod:`gspo_components.moe.layout` (the columns of the concatenated
+``prompt ++ response`` this Scorer forwards):
+
+- ``"record"`` writes ``routed_experts`` (R2's π_old pass);
+- ``"replay"`` reads it and forces those experts on the replay mask (valid tokens but each row's
+  last response token), and writes ``rerouted`` [N, P + T, L] bool: where the router's own top-k
+  set differs from the replayed one (R2's and R3's π_θ passes, R3's π_old pass);
+- ``"compare"`` reads it and writes ``rerouted`` without replaying (routing metrics without replay).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from tensordict import TensorDictBase
@@ -155,6 +168,8 @@ class Scorer(KeyedModule):
         micro_batch_size: score this many rows at a time (``grad=False`` only) to bound memory.
         fused, chunk_size, backend: see :func:`response_log_probs`.
         return_entropy: also write ``entropy`` [N, T].
+        routing: ``None``, ``"record"``, ``"replay"`` or ``"compare"`` (module doc; MoE models
+            only). Renamable keys: ``routed_experts`` and ``rerouted``.
     """
 
     def __init__(
@@ -169,10 +184,22 @@ class Scorer(KeyedModule):
         chunk_size: int | None = None,
         backend: str = "auto",
         return_entropy: bool = False,
+        routing: Literal["record", "replay", "compare"] | None = None,
         in_keys: KeyOverrides = None,
+        out_keys: KeyOverrides = None,
     ) -> None:
         super().__init__()
         self.model = model
+        if routing not in (None, "record", "replay", "compare"):
+            raise ValueError(
+                f"Scorer: routing must be None, 'record', 'replay' or 'compare', got {routing!r}"
+            )
+        self.routing = routing
+        self.routing_replay = None
+        if routing is not None:
+            from .moe import RoutingReplay
+
+            self.routing_replay = RoutingReplay(model)
         self.temperature = check_range("Scorer", "temperature", temperature, 0.0, None, low_inclusive=False)
         self.grad = grad
         if micro_batch_size is not None and (grad or micro_batch_size < 1):
@@ -183,35 +210,76 @@ class Scorer(KeyedModule):
         self.micro_batch_size = micro_batch_size
         self.fused, self.chunk_size, self.backend = fused, chunk_size, backend
         self.return_entropy = return_entropy
-        out_names = ("log_probs", "entropy") if return_entropy else ("log_probs",)
-        self._setup_keys(
-            ("prompt_ids", "prompt_mask", "response_ids", "response_mask"),
-            out_names,
-            in_keys,
-            {"log_probs": out_key},
-        )
+        in_names = ["prompt_ids", "prompt_mask", "response_ids", "response_mask"]
+        out_names = ["log_probs", "entropy"] if return_entropy else ["log_probs"]
+        if routing == "record":
+            out_names.append("routed_experts")
+        elif routing is not None:
+            in_names.append("routed_experts")
+            out_names.append("rerouted")
+        overrides = dict(out_keys) if isinstance(out_keys, Mapping) else {}
+        if out_keys is not None and not isinstance(out_keys, Mapping):
+            raise ValueError(f"Scorer: out_keys must be a mapping from output name to key, got {out_keys!r}")
+        overrides.setdefault("log_probs", out_key)
+        self._setup_keys(in_names, out_names, in_keys, overrides)
 
-    def _score(self, td: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = response_log_probs(
-            self.model,
-            self._read(td, "prompt_ids"),
-            self._read(td, "prompt_mask"),
-            self._read(td, "response_ids"),
-            self._read(td, "response_mask"),
-            temperature=self.temperature,
-            fused=self.fused,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-            return_entropy=self.return_entropy,
-        )
-        return out if isinstance(out, tuple) else (out, None)
+    def _score(self, td: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(log-probs, entropy or None, recorded routing / rerouted or None) of one chunk."""
+        prompt_mask, response_mask = self._read(td, "prompt_mask"), self._read(td, "response_mask")
+
+        def run() -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            return response_log_probs(
+                self.model,
+                self._read(td, "prompt_ids"),
+                prompt_mask,
+                self._read(td, "response_ids"),
+                response_mask,
+                temperature=self.temperature,
+                fused=self.fused,
+                chunk_size=self.chunk_size,
+                backend=self.backend,
+                return_entropy=self.return_entropy,
+            )
+
+        routing = None
+        if self.routing_replay is None:
+            out = run()
+        elif self.routing == "record":
+            with self.routing_replay.record() as rec:
+                out = run()
+            routing = rec.routed_experts
+        else:
+            from .moe import routing_mask
+
+            routed = self._read(td, "routed_experts")
+            replay = self.routing_replay
+            expected = (
+                prompt_mask.shape[0],
+                prompt_mask.shape[1] + response_mask.shape[1],
+                replay.num_layers,
+                replay.top_k,
+            )
+            if not isinstance(routed, torch.Tensor) or tuple(routed.shape) != expected:
+                got = list(routed.shape) if isinstance(routed, torch.Tensor) else type(routed).__name__
+                raise ValueError(
+                    f"Scorer: {self._in_map['routed_experts']!r} must have shape [N, P + T, L, K] = "
+                    f"{list(expected)} (the prompt ++ response columns this Scorer forwards, "
+                    f"{replay.num_layers} MoE layers, top-{replay.top_k}), got {got}"
+                )
+            mask = routing_mask(check_mask("Scorer", "prompt_mask", prompt_mask), response_mask.bool())
+            context = self.routing_replay.replay if self.routing == "replay" else self.routing_replay.compare
+            with context(routed, mask) as cmp:
+                out = run()
+            routing = cmp.rerouted
+        lp, ent = out if isinstance(out, tuple) else (out, None)
+        return lp, ent, routing
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         td = self._check_td(tensordict)
         ctx = contextlib.nullcontext() if self.grad else torch.no_grad()
         with ctx:
             if self.micro_batch_size is None:
-                lp, ent = self._score(td)
+                lp, ent, routing = self._score(td)
             else:
                 parts = [
                     self._score(td[i : i + self.micro_batch_size])
@@ -219,7 +287,11 @@ class Scorer(KeyedModule):
                 ]
                 lp = torch.cat([p[0] for p in parts])
                 ent = torch.cat([p[1] for p in parts]) if self.return_entropy else None
+                routing = torch.cat([p[2] for p in parts]) if self.routing is not None else None
         td.set(self._out_map["log_probs"], lp)
         if ent is not None:
             td.set(self._out_map["entropy"], ent)
+        if routing is not None:
+            name = "routed_experts" if self.routing == "record" else "rerouted"
+            td.set(self._out_map[name], routing.to(lp.device))
         return td

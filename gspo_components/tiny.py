@@ -8,6 +8,9 @@ Two helpers make a folder that both transformers and vLLM load, and a third warm
   drawn from the alphabet. No BOS token is added.
 - :func:`build_tiny_qwen3`: a randomly initialised ``Qwen3ForCausalLM`` (by default 2 layers,
   hidden 128, 4 heads, 2 KV heads, head_dim 32; vLLM's CPU attention needs head_dim ≥ 32).
+- :func:`build_tiny_qwen3_moe`: the same with a mixture-of-experts MLP in every layer
+  (``Qwen3MoeForCausalLM``; by default 8 experts, top-2, expert width 64, normalised top-k
+  weights as in Qwen3-30B-A3B).
 - :func:`supervised_step`: one optimizer step of cross-entropy on ``(prompt, answer)`` pairs, the
   short supervised warm-up that gives RL a model that is sometimes right.
 
@@ -30,9 +33,15 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
+    from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
-__all__ = ["SPECIAL_TOKENS", "build_char_tokenizer", "build_tiny_qwen3", "supervised_step"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "build_char_tokenizer",
+    "build_tiny_qwen3",
+    "build_tiny_qwen3_moe",
+    "supervised_step",
+]
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 """The special tokens of :func:`build_char_tokenizer`, with ids 0, 1, 2."""
@@ -113,36 +122,140 @@ def build_tiny_qwen3(
         dtype: parameter dtype, saved as the config's ``dtype`` (vLLM's default dtype).
         tokenizer: saved alongside the model when ``path`` is given.
     """
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    if head_dim < 32:
-        raise ValueError(f"build_tiny_qwen3: head_dim must be >= 32 for vLLM's CPU attention, got {head_dim}")
+    return _build(
+        "build_tiny_qwen3",
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            head_dim=head_dim,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_position_embeddings,
+            tie_word_embeddings=tie_word_embeddings,
+        ),
+        path=path,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        seed=seed,
+        dtype=dtype,
+        tokenizer=tokenizer,
+    )
+
+
+def build_tiny_qwen3_moe(
+    vocab_size: int,
+    path: str | PathLike[str] | None = None,
+    *,
+    hidden_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    head_dim: int = 32,
+    num_experts: int = 8,
+    num_experts_per_tok: int = 2,
+    moe_intermediate_size: int = 64,
+    norm_topk_prob: bool = True,
+    max_position_embeddings: int = 256,
+    tie_word_embeddings: bool = False,
+    pad_token_id: int = 0,
+    eos_token_id: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> Qwen3MoeForCausalLM:
+    """A randomly initialised ``Qwen3MoeForCausalLM`` (every layer sparse); saved like
+    :func:`build_tiny_qwen3`.
+
+    Args:
+        num_experts: E, experts per MoE layer.
+        num_experts_per_tok: K, the router's top-k.
+        moe_intermediate_size: each expert's MLP width.
+        norm_topk_prob: renormalise the K routing weights to sum to 1 (Qwen3-30B-A3B does).
+        The other arguments are those of :func:`build_tiny_qwen3`. The router's auxiliary
+        load-balancing loss is off (``output_router_logits=False``): RL losses here do not add it.
+
+    ``save_pretrained`` writes the experts in the per-expert checkpoint layout
+    (``mlp.experts.{e}.gate_proj.weight``, ...) that vLLM loads; in memory transformers holds
+    them fused (``mlp.experts.gate_up_proj`` [E, 2·I, H]).
+    """
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    for name, value in (("num_experts", num_experts), ("num_experts_per_tok", num_experts_per_tok)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"build_tiny_qwen3_moe: {name} must be an integer >= 1, got {value!r}")
+    if num_experts_per_tok > num_experts:
+        raise ValueError(
+            f"build_tiny_qwen3_moe: num_experts_per_tok = {num_experts_per_tok} exceeds num_experts = "
+            f"{num_experts}"
+        )
+    return _build(
+        "build_tiny_qwen3_moe",
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+        dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            head_dim=head_dim,
+            intermediate_size=moe_intermediate_size * num_experts_per_tok,
+            moe_intermediate_size=moe_intermediate_size,
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            norm_topk_prob=norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            output_router_logits=False,
+            max_position_embeddings=max_position_embeddings,
+            tie_word_embeddings=tie_word_embeddings,
+        ),
+        path=path,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        seed=seed,
+        dtype=dtype,
+        tokenizer=tokenizer,
+    )
+
+
+def _build(
+    where: str,
+    config_cls: type,
+    model_cls: type,
+    arch: dict,
+    *,
+    path: str | PathLike[str] | None,
+    pad_token_id: int,
+    eos_token_id: int,
+    seed: int,
+    dtype: torch.dtype,
+    tokenizer: PreTrainedTokenizerFast | None,
+) -> torch.nn.Module:
+    """Shared by the builders: config, seeded initialisation, generation config, optional save."""
+    from transformers import GenerationConfig
+
+    if arch["head_dim"] < 32:
+        raise ValueError(f"{where}: head_dim must be >= 32 for vLLM's CPU attention, got {arch['head_dim']}")
+    vocab_size = arch["vocab_size"]
     if tokenizer is not None:
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else pad_token_id
         eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos_token_id
         if len(tokenizer) > vocab_size:
             raise ValueError(
-                f"build_tiny_qwen3: vocab_size = {vocab_size} is smaller than the tokenizer's "
-                f"{len(tokenizer)} tokens"
+                f"{where}: vocab_size = {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
             )
-    config = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=head_dim,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_token_id,
-        bos_token_id=None,
-    )
+    config = config_cls(**arch, pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None)
     rng = torch.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
+        model = model_cls(config)
     finally:
         torch.set_rng_state(rng)
     model = model.to(dtype)

@@ -19,6 +19,12 @@ Randomness. With ``seed`` set, each call draws a seed from the sampler's own
 ``torch.Generator`` and runs ``generate`` under ``torch.random.fork_rng`` seeded with it: calls
 are reproducible and the global RNG is left untouched. With ``seed=None`` the global RNG is used.
 
+Routing (R3 on the CPU). With ``return_routed_experts=True`` (mixture-of-experts models only)
+the sampler records, through :class:`~gspo_components.moe.RoutingReplay`, the experts every MoE
+layer picked for every token ``generate`` fed to the model (the prompt, then each sampled token
+but the last), and returns them as ``routed_experts`` [N, P + T, L, K] in the Scorer's layout
+(:mod:`gspo_components.moe.layout`): Rollout Routing Replay's record half.
+
 Weight sync. When the sampler holds the very model object being trained (``model=policy``),
 :meth:`~TransformersSampler.sync_weights` does nothing: sampling already sees the latest
 weights. Given another module, it copies that module's ``state_dict`` in.
@@ -26,6 +32,7 @@ weights. Given another module, it copies that module's ``state_dict`` in.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from os import PathLike
@@ -89,6 +96,7 @@ class TransformersSampler(SamplerState):
         tokenizer: the tokenizer, when ``model`` is an object.
         dtype: parameter dtype when loading from a path (``None``: the checkpoint's).
         batch_size: rows per ``generate`` call (``None``: all P·n rows at once).
+        return_routed_experts: also return ``routed_experts`` (module doc); needs an MoE model.
 
     Returns (from ``sampler(prompts)``): the TensorDict described in
     :mod:`gspo_components.sampling._batch`, batch size [P·n].
@@ -107,6 +115,7 @@ class TransformersSampler(SamplerState):
         tokenizer: Any = None,
         dtype: str | torch.dtype | None = None,
         batch_size: int | None = None,
+        return_routed_experts: bool = False,
     ) -> None:
         where = "TransformersSampler"
         self.n, self.max_tokens, self.temperature = check_sampler_args(where, n, max_tokens, temperature)
@@ -151,6 +160,12 @@ class TransformersSampler(SamplerState):
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id: int = int(pad if pad is not None else self.eos_ids[0])
         self._rng = None if seed is None else torch.Generator().manual_seed(int(seed))
+        self.routing_replay = None
+        if return_routed_experts:
+            from ..moe import RoutingReplay
+
+            self.routing_replay = RoutingReplay(self.model)  # ValueError for a dense model
+            self.out_keys = (*ROLLOUT_KEYS, "routed_experts")
 
     def __call__(self, prompts: PromptsLike) -> TensorDict:
         """Sample ``n`` responses for each prompt; see the class doc for the keys."""
@@ -163,19 +178,39 @@ class TransformersSampler(SamplerState):
         response_ids: list[list[int]] = []
         log_probs: list[list[float]] = []
         truncated: list[bool] = []
+        routing: list[torch.Tensor] = []
         for start in range(0, len(rows), step):
-            r_ids, r_lps, r_trunc = self._generate(rows[start : start + step], caps[start : start + step])
+            r_ids, r_lps, r_trunc, r_routing = self._generate(
+                rows[start : start + step], caps[start : start + step]
+            )
             response_ids += r_ids
             log_probs += r_lps
             truncated += r_trunc
+            routing += r_routing
         response_text = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        return build_rollout(
-            ids, texts, self.n, response_ids, log_probs, truncated, response_text, self.pad_id
-        )
+        td = build_rollout(ids, texts, self.n, response_ids, log_probs, truncated, response_text, self.pad_id)
+        if self.routing_replay is not None:
+            from ..moe import to_scorer_layout
+
+            td.set(
+                "routed_experts",
+                to_scorer_layout(
+                    routing,
+                    [len(p) for p in rows],
+                    td["prompt_ids"].shape[1],
+                    td["response_ids"].shape[1],
+                    num_layers=self.routing_replay.num_layers,
+                    top_k=self.routing_replay.top_k,
+                    dtype=self.routing_replay.dtype,
+                ),
+            )
+        return td
 
     def _generate(
         self, rows: Sequence[list[int]], caps: Sequence[int]
-    ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+    ) -> tuple[list[list[int]], list[list[float]], list[bool], list[torch.Tensor]]:
+        """Responses, their log-probs, truncation flags and (when recording) per-row routing
+        [p_i + r_i − 1 or fewer, L, K], prompt first."""
         from transformers import GenerationConfig, LogitsProcessorList
 
         device = next(self.model.parameters()).device
@@ -202,9 +237,13 @@ class TransformersSampler(SamplerState):
         # penalties, ...) would otherwise fill every field left unset above.
         self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         self.model.eval()
+        record = self.routing_replay.record() if self.routing_replay is not None else contextlib.nullcontext()
         try:
-            with torch.random.fork_rng(
-                devices=[device] if device.type == "cuda" else [], enabled=self._rng is not None
+            with (
+                record as rec,
+                torch.random.fork_rng(
+                    devices=[device] if device.type == "cuda" else [], enabled=self._rng is not None
+                ),
             ):
                 if self._rng is not None:
                     torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self._rng)))
@@ -221,14 +260,19 @@ class TransformersSampler(SamplerState):
         generated = sequences[:, width:].cpu()
         lps = recorder.finish(sequences[:, -1]).cpu()
         eos = torch.isin(generated, torch.tensor(self.eos_ids))
-        response_ids, log_probs, truncated = [], [], []
+        response_ids, log_probs, truncated, routing = [], [], [], []
+        # Recorded columns: the left-padded prompt (width), then one per decoding step fed back.
+        routed = rec.routed_experts.cpu() if rec is not None else None
         for i, cap in enumerate(caps):
             hits = eos[i, :cap].nonzero()
             length = int(hits[0]) + 1 if len(hits) else min(cap, generated.shape[1])
             response_ids.append(generated[i, :length].tolist())
             log_probs.append(lps[i, :length].tolist())
             truncated.append(not len(hits))
-        return response_ids, log_probs, truncated
+            if routed is not None:
+                prompt = routed[i, width - len(rows[i]) : width]
+                routing.append(torch.cat([prompt, routed[i, width : width + length]]))
+        return response_ids, log_probs, truncated, routing
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:

@@ -29,6 +29,26 @@ computed with the old weights. Two transports:
   process hop (client → engine core → worker); measured slower than "file" beyond small models
   (benchmarks/results/sampler_overhead.md).
 
+Mixture-of-experts models. transformers 5 holds each MoE layer's experts fused in memory
+(``mlp.experts.gate_up_proj`` [E, 2·I, H]) while checkpoints, and vLLM's loader, use one tensor per
+expert (``mlp.experts.{e}.gate_proj.weight``). Weight sync sends the checkpoint layout: the
+state dict goes through transformers' own ``revert_weight_conversion``, as ``save_pretrained``
+does.
+
+Routing (R3). ``return_routed_experts=True`` starts the engine with vLLM's
+``enable_return_routed_experts`` and turns each completion's ``routed_experts``
+([prompt + response − 1, L, K]: every token fed to the model) into the ``routed_experts`` key,
+[N, P + T, L, K] in the Scorer's layout (:mod:`gspo_components.moe.layout`). vLLM 0.32 captures
+routing only in its Model Runner V2, which needs Triton on a GPU: on the CPU build the sampler
+refuses the option with a ``ValueError`` (use ``TransformersSampler(return_routed_experts=True)``
+there).
+
+vLLM 0.32's CPU build prepacks MoE expert weights into a blocked layout at first load only; a
+reload leaves them unpacked and the engine computes wrong outputs. After each sync of an MoE
+model on the CPU build the sampler therefore runs the prepack again
+(``WeightSyncExtension.gspo_repack_cpu_moe``), and the test suite checks the engine's log-probs
+against the trainer's after a sync.
+
 The extension is installed unless you pass your own ``worker_extension_cls`` (then only "file"
 is available).
 
@@ -61,7 +81,7 @@ from tensordict import TensorDict
 from ._batch import ROLLOUT_KEYS, PromptsLike, build_rollout, check_sampler_args, tokenize_prompts
 from ._state import SamplerState
 
-__all__ = ["VLLMSampler", "WeightSyncExtension"]
+__all__ = ["VLLMSampler", "WeightSyncExtension", "checkpoint_state_dict"]
 
 MAX_MODEL_LEN_CAP = 4096
 """Default upper bound on ``max_model_len`` (the model's own context may be far longer)."""
@@ -92,6 +112,31 @@ class WeightSyncExtension:
         self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)  # type: ignore[attr-defined]
         return len(names)
 
+    def gspo_repack_cpu_moe(self) -> int:
+        """Re-run the CPU build's expert-weight prepacking after an in-place reload; returns the
+        number of MoE layers repacked.
+
+        vLLM 0.32's CPU MoE kernel wants its expert weights in a blocked layout, made once by the
+        experts' ``process_weights_after_loading`` at first load. On a later reload (an RL weight
+        update) the unquantized MoE method deliberately skips that step, so the engine would keep
+        the freshly loaded plain weights and read them as if blocked: wrong outputs. Measured
+        here: log-probs off by 0.08 after a sync, against 5e-7 before it.
+        """
+        from vllm.config import set_current_vllm_config
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return 0
+        count = 0
+        with set_current_vllm_config(self.vllm_config):  # type: ignore[attr-defined]
+            for module in self.get_model().modules():  # type: ignore[attr-defined]
+                kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+                experts = getattr(kernel, "fused_experts", None)
+                if experts is not None and hasattr(module, "w13_weight"):
+                    experts.process_weights_after_loading(module)
+                    count += 1
+        return count
+
 
 def _read_config(model: str) -> dict[str, Any]:
     path = Path(model) / "config.json"
@@ -112,6 +157,33 @@ def _default_kv_bytes(config: dict[str, Any], max_model_len: int, dtype: Any) ->
     name = str(dtype if dtype not in (None, "auto") else config.get("dtype") or config.get("torch_dtype"))
     per_token = 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(name.removeprefix("torch."), 4)
     return int(min(max(per_token * max_model_len * _KV_SEQS, _KV_MIN), _KV_MAX))
+
+
+def _check_routed_experts_supported(where: str) -> None:
+    """vLLM returns routing only from Model Runner V2, which runs on GPUs (Triton) only."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        raise ValueError(
+            f"{where}: return_routed_experts=True needs vLLM's Model Runner V2 "
+            "(enable_return_routed_experts), which needs Triton on a GPU; this is vLLM's CPU build, "
+            "which refuses it. On the CPU record rollout routing with "
+            "TransformersSampler(..., return_routed_experts=True)"
+        )
+
+
+def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s detached state dict in its checkpoint layout (what ``save_pretrained`` writes):
+    transformers' ``revert_weight_conversion`` undoes in-memory fusions such as MoE experts
+    stacked into one tensor; a no-op for models loaded as stored, and before transformers 5."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5 keeps the checkpoint layout in memory
+        return state
+    if not hasattr(model, "config"):
+        return state
+    return {k: v.detach() for k, v in revert_weight_conversion(model, state).items()}
 
 
 def _sampled_log_probs(token_ids: Sequence[int], logprobs: Any) -> list[float]:
@@ -142,6 +214,7 @@ class VLLMSampler(SamplerState):
             ``kv_cache_memory_bytes``, ``enforce_eager``, ...). ``logprobs_mode`` is fixed to
             ``"processed_logprobs"``. vLLM's default ``dtype="auto"`` downcasts a float32
             checkpoint to bf16; ``self.dtype`` is what the engine holds.
+        return_routed_experts: also return ``routed_experts`` (R3; module doc). GPU builds only.
 
     Calling ``sampler(prompts)`` with P prompts (strings, or lists of token ids) returns a
     TensorDict of batch size [P·n] with ``prompt_ids``, ``prompt_mask``, ``response_ids``,
@@ -161,10 +234,16 @@ class VLLMSampler(SamplerState):
         seed: int | None = None,
         *,
         weight_sync: Literal["file", "rpc"] = "file",
+        return_routed_experts: bool = False,
         **engine_kwargs: Any,
     ) -> None:
         where = "VLLMSampler"
         self.n, self.max_tokens, self.temperature = check_sampler_args(where, n, max_tokens, temperature)
+        self.return_routed_experts = bool(return_routed_experts)
+        if self.return_routed_experts:
+            _check_routed_experts_supported(where)
+            engine_kwargs["enable_return_routed_experts"] = True
+            self.out_keys = (*ROLLOUT_KEYS, "routed_experts")
         mode = engine_kwargs.pop("logprobs_mode", "processed_logprobs")
         if mode != "processed_logprobs":
             raise ValueError(
@@ -208,6 +287,16 @@ class VLLMSampler(SamplerState):
         self.pad_id: int = int(pad if pad is not None else getattr(self.tokenizer, "eos_token_id", 0) or 0)
         self._rng = None if seed is None else torch.Generator().manual_seed(int(seed))
         self._sync_dir: str | None = None
+        from vllm.platforms import current_platform
+
+        self._cpu_moe = current_platform.is_cpu() and int(model_config.get_num_experts() or 0) > 0
+        if self._cpu_moe and not self._rpc_available:
+            self.close()
+            raise ValueError(
+                f"{where}: weight sync of a mixture-of-experts model on vLLM's CPU build needs this "
+                f"library's worker extension ({_EXTENSION!r}) to repack the expert weights after a "
+                "reload; do not pass your own worker_extension_cls"
+            )
 
     def _check_transport(self) -> None:
         if self.weight_sync not in ("file", "rpc"):
@@ -252,6 +341,7 @@ class VLLMSampler(SamplerState):
         response_ids: list[list[int]] = []
         log_probs: list[list[float]] = []
         truncated: list[bool] = []
+        routing: list[torch.Tensor] = []
         for out in outputs:
             completions = sorted(out.outputs, key=lambda c: c.index)
             if len(completions) != self.n:
@@ -263,10 +353,32 @@ class VLLMSampler(SamplerState):
                 response_ids.append(tokens)
                 log_probs.append(_sampled_log_probs(tokens, c.logprobs) if tokens else [])
                 truncated.append(c.finish_reason == "length")
+                if self.return_routed_experts:
+                    if getattr(c, "routed_experts", None) is None:
+                        raise RuntimeError(
+                            "VLLMSampler: the engine returned no routed_experts for a completion"
+                        )
+                    routing.append(torch.as_tensor(c.routed_experts))
         response_text = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        return build_rollout(
-            ids, texts, self.n, response_ids, log_probs, truncated, response_text, self.pad_id
-        )
+        td = build_rollout(ids, texts, self.n, response_ids, log_probs, truncated, response_text, self.pad_id)
+        if self.return_routed_experts:
+            from ..moe import routing_dtype, to_scorer_layout
+
+            layers, top_k = (int(routing[0].shape[1]), int(routing[0].shape[2])) if routing else (0, 0)
+            experts = int(self.llm.llm_engine.model_config.get_num_experts() or 256)
+            td.set(
+                "routed_experts",
+                to_scorer_layout(
+                    routing,
+                    [len(p) for p in ids for _ in range(self.n)],
+                    td["prompt_ids"].shape[1],
+                    td["response_ids"].shape[1],
+                    num_layers=layers,
+                    top_k=top_k,
+                    dtype=routing_dtype(experts),
+                ),
+            )
+        return td
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -276,7 +388,7 @@ class VLLMSampler(SamplerState):
         are the checkpoint's); tensors are cast to the engine's dtype before they travel. The
         next call samples from the new weights.
         """
-        state = {k: v.detach() for k, v in model.state_dict().items()}
+        state = checkpoint_state_dict(model)
         if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # vLLM ties it to the embedding itself
         self._check_transport()
@@ -311,6 +423,8 @@ class VLLMSampler(SamplerState):
                 self._sync_dir = tempfile.mkdtemp(prefix="gspo_sync_", dir=root)
             save_file(tensors, os.path.join(self._sync_dir, "model.safetensors"))
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self._sync_dir})
+        if self._cpu_moe:
+            self.llm.collective_rpc("gspo_repack_cpu_moe")
         self.llm.reset_prefix_cache()
 
     def close(self, timeout: float = 2.0) -> None:
