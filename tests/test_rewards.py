@@ -22,17 +22,33 @@ What is checked:
   in one term invalidating that sample only.
 - End to end: a failed sample is left out of its group's statistics by
   :class:`GroupNormalizedAdvantage` (same advantages as the group without it) and gets Â = 0.
+- Hardening (issue 13): a sample whose ``score`` sleeps or spins forever, and ``FormatReward``'s
+  catastrophic ``(a+)+$``, are cut off by the per-sample timeout in the main thread (SIGALRM, an
+  outer timer restored) and in another thread (a forked worker), and fail alone;
+  ``MathAnswerReward`` works in a non-main thread; a math-verify parse that runs over
+  (``9^{9^{9^{9}}}``) is a *failed* sample, and no output, log or warning holds the input whole;
+  a 1 MB response is parsed from its tail and a 1 MB reference fails with a short message
+  (tracemalloc peak under 64 MiB); ``"0.75"``, ``True``, tensors, arrays, ``None`` are refused
+  (also as a hypothesis property over mixed return values); a TensorDict of batch size ``[]`` or
+  ``[2, 3]`` is a ValueError; ``WeightedSum`` counts a failing sample once and refuses NaN / inf /
+  non-numeric weights; bad ``timeout`` and length bounds are ValueErrors.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import signal
 import statistics
+import threading
+import time
+import tracemalloc
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -47,6 +63,7 @@ from gspo_components.rewards import (
     ReasoningGymReward,
     RewardFailure,
     RewardFn,
+    RewardTimeout,
     WeightedSum,
     overlong_penalty,
 )
@@ -630,3 +647,273 @@ def test_unparseable_reference_zeroes_its_whole_group_only() -> None:
     td = GroupNormalizedAdvantage()(td)
     expected = [0.0] * 3 + reference_group_advantages([1.0, 0.0, 1.0])
     assert td["advantages"].tolist() == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# Hardening (issue 13): timeouts, threads, bounded inputs and logs, strict values
+
+
+class HangOn(RewardFn):
+    """score: "sleep" sleeps forever, "spin" busy-loops forever in Python, "<x>" returns float(x)."""
+
+    fields = ("response_text",)
+
+    def score(self, sample: dict[str, Any]) -> float:
+        text = sample["response_text"]
+        if text == "sleep":
+            while True:
+                time.sleep(0.01)
+        if text == "spin":
+            n = 0
+            while True:
+                n += 1
+        return float(text)
+
+
+def in_thread(fn: Callable[[], Any]) -> Any:
+    """fn() in a non-main thread; its result (or its exception, re-raised here)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["out"] = fn()
+        except BaseException as error:  # re-raised in the caller
+            box["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the reward call did not return"
+    if "error" in box:
+        raise box["error"]
+    return box["out"]
+
+
+@pytest.mark.parametrize("where", ["main-thread", "other-thread"])
+def test_hanging_reward_is_cut_off_and_counts_as_failed(where: str) -> None:
+    """A sample whose score never returns (sleeping, or spinning in Python) is cut off after the
+    timeout, fails with RewardTimeout, and every other sample is scored exactly."""
+    texts = ["1.5", "sleep", "-2", "spin", "0.25"]
+    reward = HangOn(timeout=0.3, warn=False)
+
+    def call() -> TensorDict:
+        return reward(text_batch(response_text=texts))
+
+    out = call() if where == "main-thread" else in_thread(call)
+    assert out["reward_valid"].tolist() == [True, False, True, False, True]
+    assert out["rewards"].tolist() == [1.5, 0.0, -2.0, 0.0, 0.25]
+    assert [f.index for f in reward.last_failures] == [1, 3]
+    assert all(isinstance(f.error, RewardTimeout) for f in reward.last_failures)
+    assert "timeout of 0.3 s" in str(reward.last_failures[0].error)
+    assert reward.failures_total == 2
+
+
+def test_timeout_restores_an_outer_interval_timer() -> None:
+    """The SIGALRM timer of the main-thread timeout gives back a timer the caller had running."""
+    fired: list[int] = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)
+        HangOn(timeout=0.2, warn=False)(text_batch(response_text=["1", "sleep"]))
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 25.0 < left <= 30.0, left
+        assert signal.getsignal(signal.SIGALRM) is not None and fired == []
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "1", True])
+def test_timeout_must_be_a_positive_number(bad: object) -> None:
+    with pytest.raises(ValueError, match="HangOn: timeout must be a positive"):
+        HangOn(timeout=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("where", ["main-thread", "other-thread"])
+def test_format_catastrophic_regex_is_cut_off(where: str) -> None:
+    """``(a+)+$`` backtracks exponentially on a's followed by a b (13.6 s at 27 characters before
+    this fix, doubling with each a): the timeout cuts it off and the sample fails; the others
+    match as usual."""
+    texts = ["a" * 30 + "b", "aaa", "b"]
+    reward = FormatReward(r"(a+)+$", timeout=0.5, warn=False)
+
+    def call() -> TensorDict:
+        return reward(text_batch(response_text=texts))
+
+    out = call() if where == "main-thread" else in_thread(call)
+    assert out["reward_valid"].tolist() == [False, True, True]
+    assert out["rewards"].tolist() == [0.0, 1.0, 0.0]
+    assert isinstance(reward.last_failures[0].error, RewardTimeout)
+
+
+def test_math_answer_in_a_non_main_thread() -> None:
+    """math-verify's own timeout uses signal.alarm, which only works in the main thread; every
+    sample failed in a worker thread before. Here the equivalent forms score correct, the wrong
+    ones incorrect, all valid."""
+    pairs = EQUIVALENT + WRONG
+    td = text_batch(response_text=[r for r, _ in pairs], answer=[a for _, a in pairs])
+    reward = MathAnswerReward(warn=False)
+    out = in_thread(lambda: reward(td))
+    assert reward.last_failures == []
+    assert out["reward_valid"].all()
+    assert out["rewards"].tolist() == [1.0] * len(EQUIVALENT) + [0.0] * len(WRONG)
+
+
+@pytest.mark.parametrize("where", ["main-thread", "other-thread"])
+def test_math_verify_parse_timeout_is_a_failed_reward_and_is_not_printed(
+    where: str, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``9^{9^{9^{9}}}`` keeps sympy busy for good. Before, math-verify's own 5 s timeout returned
+    [] (reward 0, counted *valid*, 0 failures) and logged the whole input. Now the sample fails
+    with RewardTimeout; nothing written to stdout, stderr, the log or the warning holds the input
+    (4 000+ characters) whole."""
+    long_prefix = "Let me think. " * 300
+    response = long_prefix + r"so the answer is $9^{9^{9^{9}}}$"
+    td = text_batch(response_text=[response, "46"], answer=["46", "46"])
+    reward = MathAnswerReward(timeout=1.0)
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = reward(td) if where == "main-thread" else in_thread(lambda: reward(td))
+    assert out["reward_valid"].tolist() == [False, True]
+    assert out["rewards"].tolist() == [0.0, 1.0]
+    assert reward.failures_total == 1 and isinstance(reward.last_failures[0].error, RewardTimeout)
+    printed = capfd.readouterr()
+    texts = [printed.out, printed.err, caplog.text, *[str(w.message) for w in caught]]
+    assert any("1 of 2 samples failed" in str(w.message) for w in caught)
+    for text in texts:
+        assert long_prefix not in text
+        assert len(text) < 2000, text[:300]
+
+
+def test_long_inputs_are_bounded() -> None:
+    """A 1 MB response is parsed from its last max_response_chars characters (before: 5.2 s and
+    733 MB in math-verify, and the whole string logged); a 1 MB reference fails its sample with a
+    message that shows 120 characters and the length. Memory is measured with tracemalloc."""
+    big_response = "x" * 1_000_000 + r" so the answer is \boxed{46}"
+    big_answer = "1" * 1_000_000
+    td = text_batch(response_text=[big_response, "1" * 1_000_000, "46"], answer=["46", "46", big_answer])
+    reward = MathAnswerReward()
+    tracemalloc.start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = reward(td)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    assert out["reward_valid"].tolist() == [True, True, False]
+    assert out["rewards"].tolist() == [1.0, 0.0, 0.0]
+    message = str(reward.last_failures[0].error)
+    assert "1000000 characters, more than max_answer_chars=1024" in message and len(message) < 400
+    assert len(repr(reward.last_failures[0])) < 600
+    assert all(len(str(w.message)) < 1000 for w in caught)
+
+
+def test_math_answer_bounds_must_be_positive_integers() -> None:
+    for name in ("max_response_chars", "max_answer_chars"):
+        for bad in (0, -5, 2.5, "10", True):
+            with pytest.raises(ValueError, match=f"MathAnswerReward: {name} must be an integer >= 1"):
+                MathAnswerReward(**{name: bad})
+
+
+LENIENT = {
+    "str": "0.75",
+    "true": True,
+    "false": False,
+    "np-bool": np.bool_(True),
+    "tensor": torch.tensor(0.5),
+    "tensor-1": torch.tensor([0.5]),
+    "ndarray": np.array(0.5),
+    "list": [0.5],
+    "none": None,
+    "complex": 0.5 + 0j,
+}
+
+
+@pytest.mark.parametrize("name", sorted(LENIENT))
+def test_lenient_reward_values_are_refused(name: str) -> None:
+    """A score of "0.75", True, a tensor, ... is not converted: that sample fails with a TypeError
+    that names the type; ints and numpy floats are real numbers and pass."""
+    script: dict[str, Any] = {"bad": LENIENT[name], "int": 2, "np": np.float32(0.5), "f": 1.25}
+    texts = ["int", "bad", "np", "f"]
+    td = text_batch(response_text=texts)
+    td.set("scale", torch.ones(4))
+    reward = ScriptedReward(script, warn=False)
+    out = reward(td)
+    assert out["reward_valid"].tolist() == [True, False, True, True]
+    assert out["rewards"].tolist() == [2.0, 0.0, 0.5, 1.25]
+    (failure,) = reward.last_failures
+    assert isinstance(failure.error, TypeError)
+    assert "score() must return a real number (int or float), got " in str(failure.error)
+    assert type(LENIENT[name]).__name__ in str(failure.error)
+
+
+@given(
+    values=st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True, width=32),
+            st.integers(-(2**20), 2**20),
+            st.booleans(),
+            st.text(max_size=5),
+            st.none(),
+            st.builds(torch.tensor, st.floats(-10, 10)),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_only_finite_real_numbers_are_valid_rewards(values: list[Any]) -> None:
+    """Any mix of return values: valid exactly where score returned a finite int or float (not a
+    bool), and those rewards are the values themselves."""
+    texts = [f"s{i}" for i in range(len(values))]
+    td = text_batch(response_text=texts)
+    td.set("scale", torch.ones(len(values)))
+
+    class Raw(ScriptedReward):
+        def score(self, sample: dict[str, Any]) -> float:
+            return self.script[sample["response_text"]]
+
+    reward = Raw(dict(zip(texts, values, strict=True)), warn=False)
+    out = reward(td)
+
+    def ok(v: Any) -> bool:
+        return type(v) in (int, float) and math.isfinite(v)
+
+    assert out["reward_valid"].tolist() == [ok(v) for v in values]
+    assert out["rewards"].tolist() == [float(v) if ok(v) else 0.0 for v in values]
+
+
+@pytest.mark.parametrize("batch_size", [[], [2, 3]], ids=["scalar", "2d"])
+def test_reward_on_a_tensordict_without_one_batch_dim(batch_size: list[int]) -> None:
+    td = TensorDict({}, batch_size=batch_size)
+    td.set("response_text", "46" if not batch_size else NonTensorStack(*[NonTensorStack("1", "2", "3")] * 2))
+    for reward in (FormatReward(r"\d"), OverlongPenalty(4, 2), WeightedSum({"f": FormatReward(r"\d")})):
+        with pytest.raises(ValueError, match=r"must have batch size \[N\] \(one row per response\), got \["):
+            reward(td)
+
+
+def test_weighted_sum_counts_a_failing_sample_once() -> None:
+    """Two terms fail on the same two samples: 2 failures (not 4), each naming its first failing
+    term; the warning says 2 of 3."""
+    td = text_batch(response_text=["1", "x", "y"], answer=["1", "not a number", "nor this"])
+    reward = WeightedSum({"math": MathAnswerReward(warn=False), "again": (MathAnswerReward(warn=False), 0.5)})
+    with pytest.warns(RuntimeWarning, match="WeightedSum: 2 of 3 samples failed"):
+        out = reward(td)
+    assert out["reward_valid"].tolist() == [True, False, False]
+    assert [f.index for f in reward.last_failures] == [1, 2]
+    assert [f.term for f in reward.last_failures] == ["math", "math"]
+    assert "term='math'" in repr(reward.last_failures[0])
+    assert reward.failures_total == 2
+    with pytest.warns(RuntimeWarning):
+        reward(td)
+    assert reward.failures_total == 4
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), float("-inf"), "0.5", True, None])
+def test_weighted_sum_refuses_non_finite_or_non_numeric_weights(weight: object) -> None:
+    with pytest.raises(
+        ValueError, match="WeightedSum: the weight of term 'fmt' must be a finite real number"
+    ):
+        WeightedSum({"ok": (FormatReward("a"), 1.0), "fmt": (FormatReward("b"), weight)})  # type: ignore[dict-item]

@@ -1,6 +1,6 @@
 """RewardFns: rollout → ``rewards`` [N] and ``reward_valid`` [N].
 
-- :class:`RewardFn`: the base (per-sample scoring with failure capture).
+- :class:`RewardFn`: the base (per-sample scoring with failure capture and a per-sample timeout).
 - :class:`MathAnswerReward`: math-verify equivalence with a reference answer.
 - :class:`ReasoningGymReward`: prompts and ``score_answer`` of any reasoning-gym dataset.
 - :class:`FormatReward`: a regular expression.
@@ -8,7 +8,7 @@
 - :class:`WeightedSum`: a weighted sum, each term under ``("reward_terms", name)``.
 """
 
-from .base import RewardFailure, RewardFn, as_list
+from .base import RewardFailure, RewardFn, RewardTimeout, as_list
 from .format import FormatReward
 from .math_answer import MathAnswerReward
 from .overlong import OverlongPenalty, overlong_penalty
@@ -22,6 +22,7 @@ __all__ = [
     "ReasoningGymReward",
     "RewardFailure",
     "RewardFn",
+    "RewardTimeout",
     "WeightedSum",
     "as_list",
     "extract_tagged_answer",

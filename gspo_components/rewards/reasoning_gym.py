@@ -32,6 +32,7 @@ class ReasoningGymReward(RewardFn):
     dataset: a reasoning-gym dataset name (``"basic_arithmetic"``) or a dataset object.
     size, seed, **config: passed to ``reasoning_gym.create_dataset`` for a name.
     extract: response text → answer string.
+    warn, timeout: see :class:`~gspo_components.rewards.RewardFn`.
     """
 
     fields = ("response_text", "data_index")
@@ -45,9 +46,11 @@ class ReasoningGymReward(RewardFn):
         extract: Callable[[str], str | None] = extract_tagged_answer,
         out_key: str | tuple[str, ...] = "rewards",
         in_keys: Any = None,
+        warn: bool = True,
+        timeout: float | None = 10.0,
         **config: Any,
     ) -> None:
-        super().__init__(out_key=out_key, in_keys=in_keys)
+        super().__init__(out_key=out_key, in_keys=in_keys, warn=warn, timeout=timeout)
         if isinstance(dataset, str):
             import reasoning_gym  # optional dependency: the "rewards" extra
 
