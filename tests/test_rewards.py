@@ -917,3 +917,20 @@ def test_weighted_sum_refuses_non_finite_or_non_numeric_weights(weight: object) 
         ValueError, match="WeightedSum: the weight of term 'fmt' must be a finite real number"
     ):
         WeightedSum({"ok": (FormatReward("a"), 1.0), "fmt": (FormatReward("b"), weight)})  # type: ignore[dict-item]
+
+
+def test_reasoning_gym_in_a_non_main_thread_matches_the_main_thread(
+    rg_reward: ReasoningGymReward, rg_entries: list[dict[str, Any]]
+) -> None:
+    """Real reasoning-gym scoring through the forked timeout worker (non-main thread) gives the
+    main thread's rewards bit for bit; ``timeout`` and ``warn`` reach the base class."""
+    answers = [str(e["answer"]) for e in rg_entries]
+    texts = [f"<answer>{a}</answer>" for a in answers] + [f"<answer>{a}1</answer>" for a in answers]
+    td = rg_batch(texts, list(range(RG_SIZE)) * 2)
+    here = rg_reward(td.clone())
+    there = in_thread(lambda: rg_reward(td.clone()))
+    assert torch.equal(here["rewards"], there["rewards"])
+    assert torch.equal(here["reward_valid"], there["reward_valid"])
+    assert here["rewards"][:RG_SIZE].tolist() == [1.0] * RG_SIZE
+    quiet = ReasoningGymReward("basic_arithmetic", size=RG_SIZE, seed=RG_SEED, timeout=2.5, warn=False)
+    assert quiet.timeout == 2.5 and quiet.warn is False
