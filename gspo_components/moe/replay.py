@@ -274,8 +274,14 @@ class RoutingReplay:
     def _replay(self, where: str, routed_experts: Any, mask: Any, force: bool) -> Iterator[RoutingComparison]:
         routed, mask = self._check_routing(where, routed_experts, mask, force)
         device = self.routers[0].module.weight.device
-        routed = routed.to(device=device, dtype=torch.long)
-        mask = mask.to(device) if mask is not None else None
+        b, s = routed.shape[:2]
+        n = b * s
+        # Per layer, once per block: the given experts [n, K] (long, contiguous), their sorted copy
+        # for the set comparison, and the replay mask [n, 1].
+        flat = routed.to(device=device, dtype=torch.long).reshape(n, self.num_layers, self.top_k)
+        given = [flat[:, layer].contiguous() for layer in range(self.num_layers)]
+        given_sorted = [g.sort(-1).values for g in given]
+        keep = mask.to(device).reshape(n, 1) if mask is not None else None
         cmp = RoutingComparison()
         layers: list[torch.Tensor] = []
         shape_of_forward: list[tuple[int, int]] = []
@@ -289,14 +295,14 @@ class RoutingReplay:
 
         def on_route(info: RouterInfo, shape: tuple[int, ...] | None, output: Any) -> Any:
             logits, own_weights, own_experts = output
-            n = own_experts.shape[0]
-            b, s = routed.shape[:2]
-            if (shape is not None and tuple(shape) != (b, s)) or (shape is None and n != b * s):
-                runs = f"[{shape[0]}, {shape[1]}]" if shape is not None else str(n)
+            if (shape is not None and tuple(shape) != (b, s)) or (
+                shape is None and own_experts.shape[0] != n
+            ):
+                runs = f"[{shape[0]}, {shape[1]}]" if shape is not None else str(own_experts.shape[0])
                 expected = (
                     f"[{shape[0]}, {shape[1]}, {self.num_layers}, {self.top_k}]"
                     if shape is not None
-                    else f"[B, S, {self.num_layers}, {self.top_k}] with B·S = {n}"
+                    else f"[B, S, {self.num_layers}, {self.top_k}] with B·S = {own_experts.shape[0]}"
                 )
                 raise ValueError(
                     f"{where}: the forward runs {runs} tokens, so 'routed_experts' must have shape "
@@ -305,15 +311,14 @@ class RoutingReplay:
             if info.layer == 0:
                 flush()
                 shape_of_forward.append((b, s))
-            given = routed[:, :, info.layer].reshape(n, self.top_k)
-            keep = None if mask is None else mask.reshape(n, 1)
-            chosen = given if keep is None else torch.where(keep, given, own_experts.long())
-            rerouted = (own_experts.long().sort(-1).values != chosen.sort(-1).values).any(-1)
+            own = own_experts.detach().long()
+            rerouted = (own.sort(-1).values != given_sorted[info.layer]).any(-1)
             if keep is not None:
                 rerouted = rerouted & keep[:, 0]
-            layers.append(rerouted.detach())
+            layers.append(rerouted)
             if not force:
                 return None
+            chosen = given[info.layer] if keep is None else torch.where(keep, given[info.layer], own)
             weights = replay_weights(logits, chosen, info.weight_rule, own_weights.dtype)  # type: ignore[arg-type]
             return logits, weights, chosen.to(own_experts.dtype)
 
