@@ -10,10 +10,14 @@ Roles (each a TensorDict module backed by a pure function on plain tensors):
   :class:`NoClip`
 - Objective: :class:`Objective` with four aggregations, KL and entropy terms, exact normalisers
 
+Value checks (host synchronisations) can be switched off: :func:`set_validation`,
+:func:`validation`.
+
 Recipes compose one part per role: :func:`grpo`, :func:`gspo`, :func:`gspo_token`,
 :func:`dr_grpo`, :func:`dapo`, :func:`cispo`.
 """
 
+from ._validation import is_validating, set_validation, validation
 from .advantages import (
     BatchWhitenedAdvantage,
     GroupMeanAdvantage,
@@ -82,6 +86,7 @@ __all__ = [
     "grpo",
     "gspo",
     "gspo_token",
+    "is_validating",
     "kl_penalty",
     "leave_one_out_advantages",
     "local_normalizers",
@@ -93,7 +98,9 @@ __all__ = [
     "sequence_log_ratio",
     "sequence_mean_log_ratio",
     "sequence_token_log_ratio",
+    "set_validation",
     "step_normalizers",
     "token_log_ratio",
     "unclipped_loss",
+    "validation",
 ]

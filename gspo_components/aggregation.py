@@ -31,13 +31,15 @@ ranks' loss values is then the whole batch's loss.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ._checks import check_choice, check_mask, check_range
+from ._checks import check_choice, check_mask, check_positive_int
 
 __all__ = [
     "AGGREGATIONS",
@@ -69,6 +71,12 @@ class LossNormalizers:
     num_replicas: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("num_tokens", "num_sequences", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"LossNormalizers: {name} must be a finite number, got {value!r}")
+        if isinstance(self.num_replicas, bool) or not isinstance(self.num_replicas, numbers.Integral):
+            raise ValueError(f"LossNormalizers: num_replicas must be an integer, got {self.num_replicas!r}")
         if self.num_tokens <= 0 or self.num_sequences <= 0:
             raise ValueError(
                 "LossNormalizers: the step selects no token (num_tokens="
@@ -79,6 +87,11 @@ class LossNormalizers:
             raise ValueError(
                 f"LossNormalizers: max_length must be > 0 and num_replicas >= 1, got "
                 f"{self.max_length} and {self.num_replicas}"
+            )
+        if self.num_sequences > self.num_tokens:
+            raise ValueError(
+                f"LossNormalizers: num_sequences ({self.num_sequences}) exceeds num_tokens "
+                f"({self.num_tokens}); every counted sequence holds at least one token"
             )
 
 
@@ -92,7 +105,7 @@ def local_normalizers(response_mask: torch.Tensor, *, max_length: int | None = N
     mask = check_mask("local_normalizers", "response_mask", response_mask)
     tokens, seqs, width = _counts(mask)
     if max_length is not None:
-        width = check_range("local_normalizers", "max_length", max_length, 0, None, low_inclusive=False)
+        width = float(check_positive_int("local_normalizers", "max_length", max_length))
     return LossNormalizers(tokens, seqs, width)
 
 
@@ -165,7 +178,7 @@ def step_normalizers(
         t, s, w = _counts(check_mask(where, str(mask_key), m))
         tokens, seqs, width = tokens + t, seqs + s, max(width, w)
     if max_length is not None:
-        width = check_range(where, "max_length", max_length, 0, None, low_inclusive=False)
+        width = float(check_positive_int(where, "max_length", max_length))
     if tokens <= 0:
         raise ValueError(f"{where}: '{mask_key}' selects no token in any micro-batch")
     local = LossNormalizers(tokens, seqs, width)
@@ -186,16 +199,20 @@ def aggregate(
     the value nor the gradient.
     """
     check_choice("aggregate", "aggregation", aggregation, AGGREGATIONS)
+    if not isinstance(normalizers, LossNormalizers):
+        raise ValueError(
+            f"aggregate: normalizers must be a LossNormalizers, got {type(normalizers).__name__}"
+        )
     mask = check_mask("aggregate", "response_mask", response_mask, values.shape)
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    v = torch.where(mask, values, zero)
+    lengths = mask.sum(-1)
+    row_sum = torch.where(mask, values, 0.0).sum(-1)
+    n = normalizers
     if aggregation == "token-mean":
-        total = v.sum() / normalizers.num_tokens
+        total = row_sum.sum() / n.num_tokens
     elif aggregation == "seq-mean-token-mean":
-        lengths = mask.sum(-1).clamp(min=1).to(v.dtype)
-        total = (v.sum(-1) / lengths).sum() / normalizers.num_sequences
+        total = (row_sum / lengths.clamp(min=1).to(row_sum.dtype)).sum() / n.num_sequences
     elif aggregation == "seq-mean-token-sum":
-        total = v.sum() / normalizers.num_sequences
+        total = row_sum.sum() / n.num_sequences
     else:
-        total = v.sum() / (normalizers.num_sequences * normalizers.max_length)
-    return total * normalizers.num_replicas
+        total = row_sum.sum() / (n.num_sequences * n.max_length)
+    return total * n.num_replicas

@@ -38,7 +38,15 @@ from collections.abc import Callable
 import torch
 from tensordict import TensorDictBase
 
-from ._checks import check_advantages, check_float, check_mask, check_range, compute_dtype
+from ._checks import (
+    DeferredChecks,
+    check_advantages,
+    check_float,
+    check_mask,
+    check_range,
+    compute_dtype,
+)
+from ._masking import Padding, clamped_exp, select
 from ._module import KeyedModule, KeyOverrides
 
 __all__ = [
@@ -54,15 +62,19 @@ __all__ = [
 
 DEFAULT_MAX_LOG_RATIO = 20.0
 
+# A kernel returns (−J, C, C_high): C_high marks the clipped tokens with w > 1 (the others have
+# w < 1: a stock clipper never clips w = 1), computed from what the kernel already holds.
+Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
 
 def _prepare(
     where: str,
     log_ratio: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor | None,
-    max_log_ratio: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clean, upcast and broadcast the inputs; return (log_ratio, ratio, advantages, mask)."""
+) -> tuple[torch.Tensor, torch.Tensor, Padding]:
+    """Validate, clean and upcast the pure functions' inputs; return (log_ratio, advantages,
+    padding) with log_ratio [N, T] 0 at padding and advantages [N, 1] or [N, T] (0 at padding)."""
     log_ratio = check_float(where, "log_ratio", log_ratio)
     if log_ratio.dim() != 2:
         raise ValueError(f"{where}: 'log_ratio' must have shape [N, T], got {list(log_ratio.shape)}")
@@ -72,22 +84,40 @@ def _prepare(
         mask = check_mask(where, "response_mask", response_mask, log_ratio.shape)
     advantages = check_advantages(where, "advantages", advantages, mask)
     dtype = compute_dtype(log_ratio, advantages)
-    zero = torch.zeros((), dtype=dtype, device=log_ratio.device)
-    log_ratio = torch.where(mask, log_ratio.to(dtype), zero)
+    pad = Padding(mask)
+    log_ratio = pad.zero(log_ratio.to(dtype))
+    checks = DeferredChecks(where)
+    if checks.active:
+        checks.finite("'log_ratio' at valid positions (per-row sums)", log_ratio.detach().sum(-1))
+    adv = _clean_advantages(advantages, pad, dtype, checks)
+    checks.run()
+    return log_ratio, (adv.unsqueeze(-1) if adv.dim() == 1 else adv), pad
+
+
+def _clean_advantages(
+    advantages: torch.Tensor, pad: Padding, dtype: torch.dtype, checks: DeferredChecks
+) -> torch.Tensor:
+    """Detached advantages in ``dtype``: [N] with 0 for an empty row, [N, T] with 0 at padding
+    (padding and empty rows are inert). With validation on, they must be finite where valid."""
     adv = advantages.detach().to(dtype)
-    if adv.dim() == 1:
-        adv = adv.unsqueeze(-1).expand_as(log_ratio)
-    adv = torch.where(mask, adv, zero)
-    if max_log_ratio is not None:
-        log_ratio = log_ratio.clamp(-max_log_ratio, max_log_ratio)
-    return log_ratio, torch.exp(log_ratio), adv, mask
+    if adv.dim() == 2:
+        adv = pad.zero(adv)
+        if checks.active:
+            checks.finite("'advantages' at valid positions (per-row sums)", adv.sum(-1))
+    else:
+        adv = torch.where(pad.lengths > 0, adv, 0.0)
+        checks.finite("'advantages' of the non-empty rows", adv)
+    return adv
+
+
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
 def _finish(
-    surrogate: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor
+    neg_surrogate: torch.Tensor, clipped: torch.Tensor, _high: torch.Tensor, pad: Padding
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    zero = torch.zeros((), dtype=surrogate.dtype, device=surrogate.device)
-    return torch.where(mask, -surrogate, zero), clipped & mask
+    return pad.zero(neg_surrogate), clipped & pad.mask
 
 
 def _check_max_log_ratio(where: str, value: float | None) -> float | None:
@@ -129,17 +159,40 @@ def ppo_clip_loss(
     or-ed with the dual-clip condition (Â<0 ∧ w>c).
     """
     p = _ppo_params("ppo_clip_loss", eps_low, eps_high, dual_clip, max_log_ratio)
-    _, ratio, adv, mask = _prepare("ppo_clip_loss", log_ratio, advantages, response_mask, p["max_log_ratio"])
-    low, high = 1.0 - p["eps_low"], 1.0 + p["eps_high"]
-    clipped = ((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low))
-    bound = torch.where(adv > 0, torch.full_like(ratio, high), torch.full_like(ratio, low))
-    surrogate = torch.where(clipped, bound * adv, ratio * adv)
-    c = p["dual_clip"]
-    if c is not None:
-        dual = (adv < 0) & (ratio > c)
-        surrogate = torch.where(dual, c * adv, surrogate)
+    lr, adv, pad = _prepare("ppo_clip_loss", log_ratio, advantages, response_mask)
+    return _finish(*_ppo_kernel(lr, adv, **p), pad)
+
+
+def _ppo_kernel(
+    log_ratio: torch.Tensor,
+    adv: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None,
+    max_log_ratio: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(−J, C, C_high) on clean, broadcastable inputs, with as few full-size passes as possible.
+
+    The clip condition C = (Â>0 ∧ w>1+ε_high) ∨ (Â<0 ∧ w<1−ε_low) is computed as
+    sign(Â) · (w − b) > 0 with b = 1+ε_high where Â > 0, else 1−ε_low: for floats x − y > 0
+    exactly when x > y, and Â = 0 or NaN gives False. −J = where(C, b, w) · (−Â) equals
+    −where(C, b Â, w Â) bit for bit (the ``where`` is a :func:`select` while w is finite).
+    """
+    ratio = clamped_exp(log_ratio, max_log_ratio)
+    bound = torch.where(adv > 0, _const(1.0 + eps_high, adv), _const(1.0 - eps_low, adv))
+    clipped = (ratio - bound) * torch.sign(adv) > 0
+    if max_log_ratio is None:  # w may be inf: a multiplication by 0 would give NaN
+        neg = torch.where(clipped, bound, ratio) * (-adv)
+    else:
+        neg = select(clipped, bound, ratio) * (-adv)
+    high = clipped & (adv > 0)  # Â > 0 is clipped only at w > 1 + ε_high ≥ 1; Â < 0 only at w < 1
+    if dual_clip is not None:
+        dual = (adv < 0) & (ratio > dual_clip)
+        neg = torch.where(dual, -(dual_clip * adv), neg)
         clipped = clipped | dual
-    return _finish(surrogate, clipped, mask)
+        high = high | dual
+    return neg, clipped, high
 
 
 def _cispo_params(where: str, eps_high: float, eps_low: float | None, max_log_ratio: float | None) -> dict:
@@ -169,15 +222,38 @@ def cispo_loss(
     ``clipped`` marks the truncated tokens (w > 1+ε_high, or w < 1−ε_low).
     """
     p = _cispo_params("cispo_loss", eps_high, eps_low, max_log_ratio)
-    log_w, ratio, adv, mask = _prepare("cispo_loss", log_ratio, advantages, response_mask, p["max_log_ratio"])
-    high = 1.0 + p["eps_high"]
-    clipped = ratio > high
+    lr, adv, pad = _prepare("cispo_loss", log_ratio, advantages, response_mask)
+    return _finish(*_cispo_kernel(lr, adv, **p), pad)
+
+
+def _cispo_kernel(
+    log_ratio: torch.Tensor,
+    adv: torch.Tensor,
+    *,
+    eps_high: float,
+    eps_low: float | None,
+    max_log_ratio: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(−J, C, C_high) on clean inputs. −J = K + K' · (log w − sg[log w]) with K = sg[−ŵ Â] and K' = K
+    inside the ±max_log_ratio band, 0 outside it (where the clamp stops the gradient): the bracket
+    is exactly 0, so the value is −ŵ Â bit for bit, and the gradient is −ŵ Â ∇ℓ."""
+    lr = log_ratio.detach()
+    ratio = torch.exp(lr if max_log_ratio is None else lr.clamp(-max_log_ratio, max_log_ratio))
+    high = 1.0 + eps_high
+    clipped = above = ratio > high
     truncated = ratio.clamp(max=high)
-    if p["eps_low"] is not None:
-        clipped = clipped | (ratio < 1.0 - p["eps_low"])
-        truncated = truncated.clamp(min=1.0 - p["eps_low"])
-    surrogate = truncated.detach() * adv * torch.exp(log_w - log_w.detach())
-    return _finish(surrogate, clipped, mask)
+    if eps_low is not None:
+        clipped = clipped | (ratio < 1.0 - eps_low)
+        truncated = truncated.clamp(min=1.0 - eps_low)
+    neg = truncated * (-adv)
+    if log_ratio.requires_grad:
+        gate = (
+            neg
+            if max_log_ratio is None
+            else neg * (lr.abs() <= max_log_ratio).view(torch.uint8).to(neg.dtype)
+        )
+        neg = neg + gate * (log_ratio - lr)
+    return neg, clipped, above
 
 
 def _sapo_params(where: str, tau_pos: float, tau_neg: float, max_log_ratio: float | None) -> dict:
@@ -204,10 +280,28 @@ def sapo_loss(
     clipped hard, so ``clipped`` is all False.
     """
     p = _sapo_params("sapo_loss", tau_pos, tau_neg, max_log_ratio)
-    _, ratio, adv, mask = _prepare("sapo_loss", log_ratio, advantages, response_mask, p["max_log_ratio"])
-    tau = torch.where(adv > 0, torch.full_like(ratio, p["tau_pos"]), torch.full_like(ratio, p["tau_neg"]))
+    lr, adv, pad = _prepare("sapo_loss", log_ratio, advantages, response_mask)
+    return _finish(*_sapo_kernel(lr, adv, **p), pad)
+
+
+def _sapo_kernel(
+    log_ratio: torch.Tensor, adv: torch.Tensor, *, tau_pos: float, tau_neg: float, max_log_ratio: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ratio = clamped_exp(log_ratio, max_log_ratio)
+    tau = torch.where(adv > 0, _const(tau_pos, adv), _const(tau_neg, adv))
     gate = (4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0))
-    return _finish(gate * adv, torch.zeros_like(mask), mask)
+    neg = -(gate * adv)
+    never = torch.zeros(neg.shape, dtype=torch.bool, device=neg.device)
+    return neg, never, never
+
+
+def _unclipped_kernel(
+    log_ratio: torch.Tensor, adv: torch.Tensor, *, max_log_ratio: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ratio = clamped_exp(log_ratio, max_log_ratio)
+    neg = -(ratio * adv)
+    never = torch.zeros(neg.shape, dtype=torch.bool, device=neg.device)
+    return neg, never, never
 
 
 def unclipped_loss(
@@ -219,8 +313,8 @@ def unclipped_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """No clipping: J_t = w Â (importance-weighted REINFORCE). ``clipped`` is all False."""
     max_log_ratio = _check_max_log_ratio("unclipped_loss", max_log_ratio)
-    _, ratio, adv, mask = _prepare("unclipped_loss", log_ratio, advantages, response_mask, max_log_ratio)
-    return _finish(ratio * adv, torch.zeros_like(mask), mask)
+    lr, adv, pad = _prepare("unclipped_loss", log_ratio, advantages, response_mask)
+    return _finish(*_unclipped_kernel(lr, adv, max_log_ratio=max_log_ratio), pad)
 
 
 class _ClipperModule(KeyedModule):
@@ -233,6 +327,7 @@ class _ClipperModule(KeyedModule):
     def __init__(
         self,
         loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        kernel: Kernel,
         params: dict,
         in_keys: KeyOverrides,
         out_keys: KeyOverrides,
@@ -242,6 +337,7 @@ class _ClipperModule(KeyedModule):
             ("log_ratio", "advantages", "response_mask"), ("token_loss", "clipped"), in_keys, out_keys
         )
         self._loss_fn = loss_fn
+        self._kernel = kernel
         self.params = params
         for name, value in params.items():
             setattr(self, name, value)
@@ -257,6 +353,24 @@ class _ClipperModule(KeyedModule):
         td.set(self._out_map["token_loss"], token_loss)
         td.set(self._out_map["clipped"], clipped)
         return td
+
+    def _chain(
+        self, td: TensorDictBase, log_ratio: torch.Tensor, pad: Padding, checks: DeferredChecks
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PolicyLoss's single pass, on the weighter's clean log-ratio ([N] per row, or [N, T] with
+        0 at padding). Returns (−J, C, C_high), [N] when both the log-ratio and the advantages are per row,
+        else [N, T]; C is False at padding, −J is not masked (the Objective masks it)."""
+        where = self._loss_fn.__name__
+        advantages = check_advantages(where, "advantages", self._read(td, "advantages"), pad.mask)
+        dtype = compute_dtype(log_ratio, advantages)
+        adv = _clean_advantages(advantages, pad, dtype, checks)
+        log_ratio = log_ratio.to(dtype)
+        if log_ratio.dim() != adv.dim():
+            if log_ratio.dim() == 1:
+                log_ratio = log_ratio.unsqueeze(-1)
+            else:
+                adv = adv.unsqueeze(-1)
+        return self._kernel(log_ratio, adv, **self.params)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.params.items())
@@ -279,7 +393,7 @@ class PPOClip(_ClipperModule):
         out_keys: KeyOverrides = None,
     ) -> None:
         params = _ppo_params("PPOClip", eps_low, eps_high, dual_clip, max_log_ratio)
-        super().__init__(ppo_clip_loss, params, in_keys, out_keys)
+        super().__init__(ppo_clip_loss, _ppo_kernel, params, in_keys, out_keys)
 
 
 class CISPOClip(_ClipperModule):
@@ -299,7 +413,7 @@ class CISPOClip(_ClipperModule):
         out_keys: KeyOverrides = None,
     ) -> None:
         params = _cispo_params("CISPOClip", eps_high, eps_low, max_log_ratio)
-        super().__init__(cispo_loss, params, in_keys, out_keys)
+        super().__init__(cispo_loss, _cispo_kernel, params, in_keys, out_keys)
 
 
 class SAPOGate(_ClipperModule):
@@ -315,7 +429,7 @@ class SAPOGate(_ClipperModule):
         out_keys: KeyOverrides = None,
     ) -> None:
         params = _sapo_params("SAPOGate", tau_pos, tau_neg, max_log_ratio)
-        super().__init__(sapo_loss, params, in_keys, out_keys)
+        super().__init__(sapo_loss, _sapo_kernel, params, in_keys, out_keys)
 
 
 class NoClip(_ClipperModule):
@@ -329,4 +443,4 @@ class NoClip(_ClipperModule):
         out_keys: KeyOverrides = None,
     ) -> None:
         params = {"max_log_ratio": _check_max_log_ratio("NoClip", max_log_ratio)}
-        super().__init__(unclipped_loss, params, in_keys, out_keys)
+        super().__init__(unclipped_loss, _unclipped_kernel, params, in_keys, out_keys)

@@ -19,9 +19,11 @@ The sequence level is broadcast over the valid tokens of its row, so one clipper
 level. The sequence-token form is computed as ``sg(log s_i) + (ℓ − sg ℓ)``: the bracket is exactly
 0, so its value equals the sequence level bit for bit while its gradient is token-wise.
 
-All arithmetic runs in float32 (float64 if an input is float64), whatever the input dtype, and
-padding positions are replaced by 0 with ``torch.where`` before any arithmetic, so NaN or ±inf
-there changes neither values nor gradients. Rows with no valid token get log_ratio 0.
+All arithmetic runs in float32 (float64 if an input is float64), whatever the input dtype. The
+token log-ratio ℓ − ℓ^old is masked with one ``torch.where`` before anything else uses it, so NaN
+or ±inf at padding changes neither values nor gradients. Rows with no valid token get
+log_ratio 0. With validation on (:func:`gspo_components.set_validation`), a NaN or ±inf log-prob at a
+*valid* position is a ``ValueError``; with it off, it makes the loss NaN.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDictBase
 
-from ._checks import check_mask, check_token_tensor, compute_dtype
+from ._checks import DeferredChecks, check_mask, check_token_tensor, compute_dtype
+from ._masking import Padding
 from ._module import KeyedModule, KeyOverrides
 
 __all__ = [
@@ -43,17 +46,44 @@ __all__ = [
 ]
 
 
-def _clean_inputs(
-    where: str, log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mask = check_mask(where, "response_mask", mask)
+def _masked_token_log_ratio(
+    where: str,
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    checks: DeferredChecks | None = None,
+) -> tuple[torch.Tensor, Padding]:
+    """Validate once and return (d, padding): d = where(m, ℓ − sg[ℓ^old], 0) [N, T] in the
+    compute dtype, and the call's :class:`~gspo_components._masking.Padding` (mask, L_i).
+
+    One masking after the subtraction suffices: the backward of a subtraction passes the
+    incoming gradient on unchanged (never multiplied by an input), and the masking sends exactly
+    0 to padding, so NaN or ±inf there touches neither values nor gradients. With validation on,
+    the per-row sums of d must be finite: a NaN or ±inf *valid* log-prob is an error.
+    """
+    mask = check_mask(where, "response_mask", response_mask)
     log_probs = check_token_tensor(where, "log_probs", log_probs, "response_mask", mask)
     old_log_probs = check_token_tensor(where, "old_log_probs", old_log_probs, "response_mask", mask)
     dtype = compute_dtype(log_probs, old_log_probs)
-    zero = torch.zeros((), dtype=dtype, device=log_probs.device)
-    lp = torch.where(mask, log_probs.to(dtype), zero)
-    old = torch.where(mask, old_log_probs.detach().to(dtype), zero)
-    return lp, old, mask
+    pad = Padding(mask)
+    d = pad.zero(log_probs.to(dtype) - old_log_probs.detach().to(dtype))
+    own = checks is None
+    checks = DeferredChecks(where) if own else checks
+    if checks.active:
+        checks.finite("'log_probs' and 'old_log_probs' at valid positions (per-row sums)", d.detach().sum(-1))
+    if own:
+        checks.run()
+    return d, pad
+
+
+def _row_mean(d: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(1/L_i) Σ_t d_{i,t}, [N]; 0 for an empty row (d is 0 at padding)."""
+    return d.sum(-1) / lengths.clamp(min=1).to(d.dtype)
+
+
+def _sequence_token(d: torch.Tensor, pad: Padding) -> torch.Tensor:
+    log_s = _row_mean(d.detach(), pad.lengths).unsqueeze(-1)
+    return pad.zero(log_s + (d - d.detach()))  # d − sg[d]: value 0, gradient ∇ℓ
 
 
 def sequence_mean_log_ratio(
@@ -63,14 +93,8 @@ def sequence_mean_log_ratio(
 
     GSPO (arXiv 2507.18071) eq. 7: s_i is the geometric mean of the token ratios.
     """
-    lp, old, mask = _clean_inputs("sequence_mean_log_ratio", log_probs, old_log_probs, response_mask)
-    return _sequence_mean(lp - old, mask)
-
-
-def _sequence_mean(token_log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    lengths = mask.sum(-1)
-    total = token_log_ratio.sum(-1)
-    return total / lengths.clamp(min=1).to(total.dtype)
+    d, pad = _masked_token_log_ratio("sequence_mean_log_ratio", log_probs, old_log_probs, response_mask)
+    return _row_mean(d, pad.lengths)
 
 
 def token_log_ratio(
@@ -81,8 +105,7 @@ def token_log_ratio(
     Returns [N, T] in float32 (float64 for float64 inputs), 0 at padding. ``old_log_probs``
     is treated as a constant (detached).
     """
-    lp, old, mask = _clean_inputs("token_log_ratio", log_probs, old_log_probs, response_mask)
-    return torch.where(mask, lp - old, torch.zeros((), dtype=lp.dtype, device=lp.device))
+    return _masked_token_log_ratio("token_log_ratio", log_probs, old_log_probs, response_mask)[0]
 
 
 def sequence_log_ratio(
@@ -95,10 +118,8 @@ def sequence_log_ratio(
     every token of the row with weight 1/L_i. This is *not* the product of the token ratios; the
     product is a rollout-correction weight (:mod:`gspo_components.rollout_correction`).
     """
-    lp, old, mask = _clean_inputs("sequence_log_ratio", log_probs, old_log_probs, response_mask)
-    log_s = _sequence_mean(lp - old, mask)
-    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-    return torch.where(mask, log_s.unsqueeze(-1).expand_as(lp), zero)
+    d, pad = _masked_token_log_ratio("sequence_log_ratio", log_probs, old_log_probs, response_mask)
+    return pad.zero(_row_mean(d, pad.lengths).unsqueeze(-1))
 
 
 def sequence_token_log_ratio(
@@ -110,17 +131,15 @@ def sequence_token_log_ratio(
     bracket is x − x = 0); its gradient is ∇ℓ_{i,t} alone, so each token's weight can meet its own
     advantage Â_{i,t}. With Â_{i,t} = Â_i it gives GSPO's value, clip decisions and gradient.
     """
-    lp, old, mask = _clean_inputs("sequence_token_log_ratio", log_probs, old_log_probs, response_mask)
-    log_s = _sequence_mean(lp.detach() - old, mask).unsqueeze(-1)
-    straight_through = lp - lp.detach()  # exactly 0 in value, identity in gradient
-    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-    return torch.where(mask, log_s + straight_through, zero)
+    d, pad = _masked_token_log_ratio("sequence_token_log_ratio", log_probs, old_log_probs, response_mask)
+    return _sequence_token(d, pad)
 
 
 class _LogRatioModule(KeyedModule):
     """Reads ``log_probs``, ``old_log_probs``, ``response_mask``; writes ``log_ratio``."""
 
     _fn = staticmethod(token_log_ratio)
+    _level = "token"
 
     def __init__(self, *, in_keys: KeyOverrides = None, out_keys: KeyOverrides = None) -> None:
         super().__init__()
@@ -136,6 +155,22 @@ class _LogRatioModule(KeyedModule):
         td.set(self._out_map["log_ratio"], log_ratio)
         return td
 
+    def _chain(self, td: TensorDictBase, checks: DeferredChecks) -> tuple[torch.Tensor, Padding]:
+        """PolicyLoss's single pass: (log_ratio, padding). A sequence-level log-ratio is
+        returned per row, [N] (it is constant over the row's valid tokens), not broadcast."""
+        d, pad = _masked_token_log_ratio(
+            type(self)._fn.__name__,
+            self._read(td, "log_probs"),
+            self._read(td, "old_log_probs"),
+            self._read(td, "response_mask"),
+            checks,
+        )
+        if self._level == "token":
+            return d, pad
+        if self._level == "sequence":
+            return _row_mean(d, pad.lengths), pad
+        return _sequence_token(d, pad), pad
+
 
 class TokenLogRatio(_LogRatioModule):
     __doc__ = "Token-level weighter (GRPO/PPO): log_ratio = ℓ − ℓ^old.\n\n" + (token_log_ratio.__doc__ or "")
@@ -147,6 +182,7 @@ class SequenceLogRatio(_LogRatioModule):
         sequence_log_ratio.__doc__ or ""
     )
     _fn = staticmethod(sequence_log_ratio)
+    _level = "sequence"
 
 
 class SequenceTokenLogRatio(_LogRatioModule):
@@ -154,3 +190,4 @@ class SequenceTokenLogRatio(_LogRatioModule):
         sequence_token_log_ratio.__doc__ or ""
     )
     _fn = staticmethod(sequence_token_log_ratio)
+    _level = "sequence-token"

@@ -29,17 +29,19 @@ import torch.distributed as dist
 from tensordict import TensorDict, TensorDictBase
 
 from ._checks import (
+    DeferredChecks,
     check_choice,
-    check_float,
     check_mask,
     check_nonempty,
+    check_positive_int,
     check_range,
     check_token_tensor,
     compute_dtype,
 )
+from ._masking import Padding, count, fill_padding
 from ._module import KeyedModule, KeyOverrides
-from .aggregation import AGGREGATIONS, LossNormalizers, aggregate, local_normalizers, reduce_normalizers
-from .kl import KL_ESTIMATORS, kl_penalty
+from .aggregation import AGGREGATIONS, LossNormalizers, local_normalizers, reduce_normalizers
+from .kl import KL_ESTIMATORS, _kl
 
 __all__ = ["METRIC_NAMES", "Objective", "loss_metrics", "objective_loss"]
 
@@ -59,24 +61,169 @@ METRIC_NAMES = (
     "num_sequences",
 )
 
+Number = float | torch.Tensor
 
-def _resolve_normalizers(
-    mask: torch.Tensor,
+
+def _normalizer_values(
+    where: str,
+    pad: Padding,
+    aggregation: str,
     normalizers: LossNormalizers | None,
     max_length: int | None,
     sync_ranks: bool,
     process_group: object | None,
-) -> LossNormalizers:
+    checks: DeferredChecks,
+) -> tuple[Number, Number, Number, int]:
+    """(Σ L_i, S, L_norm, replicas) for this call.
+
+    Given ``normalizers`` are the step's (Python numbers). Otherwise this batch's counts, as
+    tensors (no host synchronisation; an all-padding batch, which validation rejects, then gets
+    an exact-0 loss), or summed across ranks when ``torch.distributed`` is initialised and
+    ``sync_ranks`` is set (a collective, and host numbers).
+    """
+    mask, lengths = pad.mask, pad.lengths
     if normalizers is not None:
         if not isinstance(normalizers, LossNormalizers):
             raise ValueError(
-                f"normalizers must be a LossNormalizers (see step_normalizers), got {type(normalizers).__name__}"
+                f"{where}: normalizers must be a LossNormalizers (see step_normalizers), "
+                f"got {type(normalizers).__name__}"
             )
-        return normalizers
-    local = local_normalizers(mask, max_length=max_length)
+        if checks.active:
+            checks.require(
+                f"normalizers count fewer tokens or sequences than this batch holds "
+                f"(num_tokens={normalizers.num_tokens}, num_sequences={normalizers.num_sequences}); "
+                "pass the step's normalizers, counted over every micro-batch of the step",
+                (lengths.sum() <= normalizers.num_tokens)
+                & ((lengths > 0).sum() <= normalizers.num_sequences),
+            )
+            if aggregation == "seq-mean-token-sum-norm":
+                checks.require(
+                    f"a response is longer than normalizers.max_length = {normalizers.max_length} "
+                    "(L_norm must be at least every response's length)",
+                    lengths.max() <= normalizers.max_length,
+                )
+        return (
+            normalizers.num_tokens,
+            normalizers.num_sequences,
+            normalizers.max_length,
+            normalizers.num_replicas,
+        )
+    if checks.active and max_length is not None and aggregation == "seq-mean-token-sum-norm":
+        checks.require(
+            f"a response is longer than max_length = {max_length} (the generation budget must be at "
+            "least every response's length)",
+            lengths.max() <= max_length,
+        )
     if sync_ranks and dist.is_available() and dist.is_initialized():
-        return reduce_normalizers(local, process_group=process_group, device=mask.device)
-    return local
+        local = local_normalizers(mask, max_length=max_length)
+        norm = reduce_normalizers(local, process_group=process_group, device=mask.device)
+        return norm.num_tokens, norm.num_sequences, norm.max_length, norm.num_replicas
+    tokens = lengths.sum().clamp(min=1)
+    seqs = count(lengths > 0, 0).clamp(min=1)
+    return tokens, seqs, float(mask.shape[-1] if max_length is None else max_length), 1
+
+
+def _reduce_rows(
+    aggregation: str,
+    row_sum: torch.Tensor,
+    row_mean: torch.Tensor | None,
+    norm: tuple[Number, Number, Number, int],
+) -> torch.Tensor:
+    """The aggregation (module table of :mod:`gspo_components.aggregation`) from per-row sums
+    Σ_t v_{i,t} and, for ``seq-mean-token-mean``, per-row means (0 for an empty row)."""
+    tokens, seqs, width, replicas = norm
+    if aggregation == "token-mean":
+        total = row_sum.sum() / tokens
+    elif aggregation == "seq-mean-token-mean":
+        total = row_mean.sum() / seqs  # type: ignore[union-attr]
+    elif aggregation == "seq-mean-token-sum":
+        total = row_sum.sum() / seqs
+    else:
+        total = row_sum.sum() / (seqs * width)
+    return total * replicas if replicas != 1 else total
+
+
+def _rows_of_tokens(
+    values: torch.Tensor, lengths: torch.Tensor, aggregation: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Σ_t v, Σ_t v / L_i) of [N, T] values that are 0 at padding."""
+    row_sum = values.sum(-1)
+    row_mean = (
+        row_sum / lengths.clamp(min=1).to(row_sum.dtype) if aggregation == "seq-mean-token-mean" else None
+    )
+    return row_sum, row_mean
+
+
+def _policy_rows(
+    neg: torch.Tensor,
+    pad: Padding,
+    is_weights: torch.Tensor | None,
+    aggregation: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row sums (and means) of token_loss · is_weights over the valid tokens.
+
+    ``neg`` is [N, T] (masked here with one ``where``) or [N]: one value per row, constant over
+    the row's valid tokens (a sequence-level clipper on sequence-level inputs), whose row sum is
+    L_i · v_i and row mean v_i. ``is_weights`` is None, [N, T] (0 at padding) or [N] per row.
+    """
+    lengths = pad.lengths
+    if neg.dim() == 2:
+        per_token = neg
+        if is_weights is not None:
+            per_token = per_token * (is_weights.unsqueeze(-1) if is_weights.dim() == 1 else is_weights)
+        return _rows_of_tokens(pad.zero(per_token), lengths, aggregation)
+    # One value v_i per row. The value is summed over the row's tokens exactly as a per-token loss
+    # would be (so GSPO equals GSPO-token bit for bit); the gradient flows through the [N] form
+    # L_i · v_i, whose value term is an exact 0.
+    rows = lengths > 0
+    lengths_f = lengths.clamp(min=1).to(neg.dtype)
+    if is_weights is not None and is_weights.dim() == 2:
+        value = pad.zero(neg.detach().unsqueeze(-1) * is_weights).sum(-1)
+        grad_sum = neg * is_weights.sum(-1)
+        grad_mean = grad_sum / lengths_f
+    else:
+        v = neg if is_weights is None else neg * is_weights
+        value = pad.zero(v.detach().unsqueeze(-1)).sum(-1)
+        grad_sum = torch.where(rows, v * lengths.to(neg.dtype), 0.0)
+        grad_mean = torch.where(rows, v, 0.0)
+    row_sum = value + (grad_sum - grad_sum.detach())
+    row_mean = None
+    if aggregation == "seq-mean-token-mean":
+        row_mean = value / lengths_f + (grad_mean - grad_mean.detach())
+    return row_sum, row_mean
+
+
+def _loss(
+    aggregation: str,
+    pad: Padding,
+    neg: torch.Tensor,
+    is_weights: torch.Tensor | None,
+    kl: torch.Tensor | None,
+    kl_coef: float,
+    entropy: torch.Tensor | None,
+    entropy_coef: float,
+    norm: tuple[Number, Number, Number, int],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """loss, its terms (policy_loss, kl, entropy) and the per-row sums of KL and entropy."""
+    lengths = pad.lengths
+    row_sum, row_mean = _policy_rows(neg, pad, is_weights, aggregation)
+    policy = _reduce_rows(aggregation, row_sum, row_mean, norm)
+    terms = {"policy_loss": policy}
+    rows: dict[str, torch.Tensor] = {}
+    loss = policy
+    if kl is not None:
+        kl_sum, kl_mean = _rows_of_tokens(kl, lengths, aggregation)
+        rows["kl"] = kl_sum
+        terms["kl"] = _reduce_rows(aggregation, kl_sum, kl_mean, norm)
+        if kl_coef:
+            loss = loss + kl_coef * terms["kl"]
+    if entropy is not None:
+        h_sum, h_mean = _rows_of_tokens(entropy, lengths, aggregation)
+        rows["entropy"] = h_sum
+        terms["entropy"] = _reduce_rows(aggregation, h_sum, h_mean, norm)
+        if entropy_coef:
+            loss = loss - entropy_coef * terms["entropy"]
+    return loss, terms, rows
 
 
 def objective_loss(
@@ -102,40 +249,122 @@ def objective_loss(
     """
     where = "objective_loss"
     check_choice(where, "aggregation", aggregation, AGGREGATIONS)
+    kl_coef = check_range(where, "kl_coef", kl_coef, 0.0, None)
+    entropy_coef = check_range(where, "entropy_coef", entropy_coef, float("-inf"), None)
+    max_length = None if max_length is None else check_positive_int(where, "max_length", max_length)
     mask = check_mask(where, "response_mask", response_mask)
     if normalizers is None:
         # With the step's normalisers an empty micro-batch is legitimate (a rank whose samples
         # were all filtered must still join the gradient all-reduce): its loss is an exact 0.
         check_nonempty(where, "response_mask", mask)
     token_loss = check_token_tensor(where, "token_loss", token_loss, "response_mask", mask)
-    norm = _resolve_normalizers(mask, normalizers, max_length, sync_ranks, process_group)
+    checks = DeferredChecks(where)
+    pad = Padding(mask)
+    norm = _normalizer_values(
+        where, pad, aggregation, normalizers, max_length, sync_ranks, process_group, checks
+    )
     dtype = compute_dtype(token_loss)
-    zero = torch.zeros((), dtype=dtype, device=token_loss.device)
-    per_token = torch.where(mask, token_loss.to(dtype), zero)
+    neg = token_loss.to(dtype)
     if is_weights is not None:
         is_weights = check_token_tensor(where, "is_weights", is_weights, "response_mask", mask)
-        per_token = per_token * torch.where(mask, is_weights.detach().to(dtype), zero)
-    policy = aggregate(per_token, mask, aggregation, norm)
-    terms = {"policy_loss": policy}
-    loss = policy
+        is_weights = pad.zero(is_weights.detach().to(dtype))
     if kl is not None:
-        kl = check_token_tensor(where, "kl", kl, "response_mask", mask)
-        kl_term = aggregate(torch.where(mask, kl.to(dtype), zero), mask, aggregation, norm)
-        terms["kl"] = kl_term
-        if kl_coef:
-            loss = loss + kl_coef * kl_term
+        kl = pad.zero(check_token_tensor(where, "kl", kl, "response_mask", mask).to(dtype))
     if entropy is not None:
         entropy = check_token_tensor(where, "entropy", entropy, "response_mask", mask)
-        h_term = aggregate(torch.where(mask, entropy.to(dtype), zero), mask, aggregation, norm)
-        terms["entropy"] = h_term
-        if entropy_coef:
-            loss = loss - entropy_coef * h_term
+        entropy = pad.zero(entropy.to(dtype))
+    loss, terms, _rows = _loss(aggregation, pad, neg, is_weights, kl, kl_coef, entropy, entropy_coef, norm)
+    if checks.active:
+        checks.finite(
+            "the loss (from 'token_loss', 'is_weights', 'kl', 'entropy' at valid positions)", loss.detach()
+        )
+        checks.run()
     return loss, terms
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    return torch.where(mask, values, zero).sum() / mask.sum().clamp(min=1)
+@torch.no_grad()
+def _metrics(
+    pad: Padding,
+    *,
+    log_ratio: torch.Tensor | None,
+    clipped: torch.Tensor | None,
+    kl_rows: torch.Tensor | None,
+    entropy_rows: torch.Tensor | None,
+    is_weights: torch.Tensor | None,
+    clipped_high: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Metrics from tensors the loss already holds, without a host synchronisation.
+
+    ``log_ratio`` is [N] (one per row) or [N, T] with 0 at padding; ``clipped`` [N] or [N, T],
+    False at padding; ``kl_rows``/``entropy_rows`` per-row sums; ``is_weights`` [N] or [N, T]
+    (0 at padding). ``clipped_high``, from a stock clipper, marks the clipped tokens with w > 1;
+    every other clipped token has w < 1 (a stock clipper never clips w = 1), so the low side is
+    the total minus the high side. Without it both sides are counted from the sign of log_ratio.
+    """
+    f32 = torch.float32
+    mask, lengths = pad.mask, pad.lengths
+    rows = lengths > 0
+    n_tok = lengths.sum().to(f32)
+    n_seq = count(rows, 0).to(f32)
+    tok = n_tok.clamp(min=1)
+    seq = n_seq.clamp(min=1)
+    out: dict[str, torch.Tensor] = {"num_tokens": n_tok, "num_sequences": n_seq}
+    total = None
+    if clipped is not None:
+        if clipped.dim() == 2:
+            per_row = count(clipped, -1)
+            total = per_row.sum().to(f32)
+            out["seq_clip_fraction"] = count(per_row > 0, 0).to(f32) / seq
+        else:
+            total = (lengths * clipped).sum().to(f32)
+            out["seq_clip_fraction"] = count(clipped & rows, 0).to(f32) / seq
+        out["clip_fraction"] = total / tok
+    if log_ratio is not None:
+        lr = log_ratio.detach()
+        nan = torch.full((), float("nan"), dtype=f32, device=lr.device)
+        first_row = rows.view(torch.uint8).argmax()
+        if lr.dim() == 2:
+            ratio_sum = (torch.exp(lr).sum(-1) - (lr.shape[-1] - lengths).to(lr.dtype)).sum()
+            first = lr[first_row, mask[first_row].view(torch.uint8).argmax()]
+            spread = fill_padding(lr, first, pad.padding(lr.dtype))
+        else:
+            ratio_sum = (torch.exp(lr) * lengths.to(lr.dtype)).sum()
+            spread = torch.where(rows, lr, lr[first_row])
+        low, high = torch.aminmax(spread)
+        some = n_tok > 0
+        out["ratio_mean"] = torch.where(some, ratio_sum.to(f32) / tok, nan)
+        out["ratio_min"] = torch.where(some, torch.exp(low).to(f32), nan)
+        out["ratio_max"] = torch.where(some, torch.exp(high).to(f32), nan)
+        if clipped is not None and total is not None:
+            if clipped_high is not None:
+                high_count = _side_count(clipped_high, rows, lengths)
+                low_count = total - high_count
+            else:
+                high_count = _side_count(clipped, lr > 0, lengths)
+                low_count = _side_count(clipped, lr < 0, lengths)
+            out["clip_fraction_low"] = low_count / tok
+            out["clip_fraction_high"] = high_count / tok
+    if kl_rows is not None:
+        out["kl"] = kl_rows.detach().sum().to(f32) / tok
+    if entropy_rows is not None:
+        out["entropy"] = entropy_rows.detach().sum().to(f32) / tok
+    if is_weights is not None:
+        w = is_weights.detach()
+        w_sum = w.sum() if w.dim() == 2 else (w * lengths.to(w.dtype)).sum()
+        out["is_weight_mean"] = w_sum.to(f32) / tok
+    return out
+
+
+def _side_count(clipped: torch.Tensor, side: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The number of valid tokens that are clipped and on ``side`` (either may be per row)."""
+    if clipped.dim() == 1 and side.dim() == 1:
+        return (lengths * (clipped & side)).sum().to(torch.float32)
+    if side.dim() == 1:
+        side = side.unsqueeze(-1)
+    if clipped.dim() == 1:
+        clipped = clipped.unsqueeze(-1)
+    both = clipped & side
+    return count(both, -1).sum().to(torch.float32)
 
 
 @torch.no_grad()
@@ -148,14 +377,12 @@ def loss_metrics(
     entropy: torch.Tensor | None = None,
     is_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Masked, detached float32 metrics of one call (see the module docstring)."""
+    """Masked, detached float32 metrics of one call (see the module docstring).
+
+    Means are over the valid tokens; with no valid token they are 0, and the ratio metrics NaN.
+    """
     where = "loss_metrics"
     mask = check_mask(where, "response_mask", response_mask)
-    f32 = torch.float32
-    out: dict[str, torch.Tensor] = {}
-    rows = mask.any(-1)
-    out["num_tokens"] = mask.sum().to(f32)
-    out["num_sequences"] = rows.sum().to(f32)
     if clipped is not None:
         if clipped.shape != mask.shape or clipped.dtype != torch.bool:
             raise ValueError(
@@ -163,27 +390,26 @@ def loss_metrics(
                 f"got {clipped.dtype} {list(clipped.shape)}"
             )
         clipped = clipped & mask
-        out["clip_fraction"] = _masked_mean(clipped.to(f32), mask)
-        seq_clipped = clipped.any(-1) & rows
-        out["seq_clip_fraction"] = seq_clipped.sum().to(f32) / rows.sum().clamp(min=1)
-    if log_ratio is not None and bool(mask.any()):
-        log_ratio = check_token_tensor(where, "log_ratio", log_ratio, "response_mask", mask)
-        lr = log_ratio.detach().to(compute_dtype(log_ratio))
-        ratio = torch.exp(torch.where(mask, lr, torch.zeros((), dtype=lr.dtype, device=lr.device)))
-        inf = torch.tensor(float("inf"), dtype=ratio.dtype, device=ratio.device)
-        out["ratio_mean"] = _masked_mean(ratio, mask).to(f32)
-        out["ratio_min"] = torch.where(mask, ratio, inf).amin().to(f32)
-        out["ratio_max"] = torch.where(mask, ratio, -inf).amax().to(f32)
-        if clipped is not None:
-            out["clip_fraction_low"] = _masked_mean((clipped & (lr < 0)).to(f32), mask)
-            out["clip_fraction_high"] = _masked_mean((clipped & (lr > 0)).to(f32), mask)
-    if kl is not None:
-        out["kl"] = _masked_mean(kl.detach().to(f32), mask)
-    if entropy is not None:
-        out["entropy"] = _masked_mean(entropy.detach().to(f32), mask)
-    if is_weights is not None:
-        out["is_weight_mean"] = _masked_mean(is_weights.detach().to(f32), mask)
-    return out
+    pad = Padding(mask)
+
+    def clean(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        t = check_token_tensor(where, name, t, "response_mask", mask).detach()
+        return pad.zero(t.to(compute_dtype(t)))
+
+    log_ratio = clean("log_ratio", log_ratio)
+    kl = clean("kl", kl)
+    entropy = clean("entropy", entropy)
+    is_weights = clean("is_weights", is_weights)
+    return _metrics(
+        pad,
+        log_ratio=log_ratio,
+        clipped=clipped,
+        kl_rows=None if kl is None else kl.sum(-1),
+        entropy_rows=None if entropy is None else entropy.sum(-1),
+        is_weights=is_weights,
+    )
 
 
 class Objective(KeyedModule):
@@ -226,11 +452,7 @@ class Objective(KeyedModule):
         self.kl_coef = check_range(where, "kl_coef", kl_coef, 0.0, None)
         self.kl_estimator = kl_estimator
         self.entropy_coef = check_range(where, "entropy_coef", entropy_coef, float("-inf"), None)
-        self.max_length = (
-            None
-            if max_length is None
-            else int(check_range(where, "max_length", max_length, 0, None, low_inclusive=False))
-        )
+        self.max_length = None if max_length is None else check_positive_int(where, "max_length", max_length)
         self.sync_ranks = sync_ranks
         self.process_group = process_group
         required = ["token_loss", "response_mask"]
@@ -249,37 +471,119 @@ class Objective(KeyedModule):
         td = self._check_td(tensordict)
         where = type(self).__name__
         mask = check_mask(where, "response_mask", self._read(td, "response_mask"))
+        token_loss = check_token_tensor(
+            where, "token_loss", self._read(td, "token_loss"), "response_mask", mask
+        )
+        dtype = compute_dtype(token_loss)
+        log_ratio = self._read_optional(td, "log_ratio")
+        pad = Padding(mask)
+        if log_ratio is not None:
+            log_ratio = check_token_tensor(where, "log_ratio", log_ratio, "response_mask", mask)
+            log_ratio = pad.zero(log_ratio.detach().to(compute_dtype(log_ratio)))
+        clipped = self._read_optional(td, "clipped")
+        if clipped is not None:
+            if clipped.shape != mask.shape or clipped.dtype != torch.bool:
+                raise ValueError(
+                    f"{where}: 'clipped' must be a bool tensor of shape {list(mask.shape)}, "
+                    f"got {clipped.dtype} {list(clipped.shape)}"
+                )
+            clipped = clipped & mask
+        is_weights = self._read_optional(td, "is_weights")
+        if is_weights is not None:
+            is_weights = self._clean_is_weights(is_weights, pad, dtype)
+        checks = DeferredChecks(where)
+        return self._compute(
+            td, pad, token_loss.to(dtype), clipped, log_ratio, is_weights, normalizers, checks, None
+        )
+
+    def _clean_is_weights(self, is_weights: object, pad: Padding, dtype: torch.dtype) -> torch.Tensor:
+        is_weights = check_token_tensor(
+            type(self).__name__, "is_weights", is_weights, "response_mask", pad.mask
+        )
+        return pad.zero(is_weights.detach().to(dtype))
+
+    def _compute(
+        self,
+        td: TensorDictBase,
+        pad: Padding,
+        neg: torch.Tensor,
+        clipped: torch.Tensor | None,
+        log_ratio: torch.Tensor | None,
+        is_weights: torch.Tensor | None,
+        normalizers: LossNormalizers | None,
+        checks: DeferredChecks,
+        clipped_high: torch.Tensor | None,
+    ) -> TensorDictBase:
+        """The loss and metrics from clean inputs: ``neg`` (−J) [N, T] (masked here) or [N] per
+        row; ``clipped`` False at padding; ``log_ratio`` 0 at padding or [N]; ``is_weights`` 0 at
+        padding or [N]. Reads the KL's and the entropy's inputs from ``td``. Resolves ``checks``
+        (one host synchronisation when validation is on)."""
+        where = type(self).__name__
+        mask = pad.mask
         if normalizers is None:
-            check_nonempty(where, "response_mask", mask)
-        token_loss = check_float(where, "token_loss", self._read(td, "token_loss"))
+            check_nonempty(where, "response_mask", mask, pad.lengths)
+        norm = _normalizer_values(
+            where,
+            pad,
+            self.aggregation,
+            normalizers,
+            self.max_length,
+            self.sync_ranks,
+            self.process_group,
+            checks,
+        )
+        if (
+            normalizers is not None
+            and self.max_length is not None
+            and self.aggregation == "seq-mean-token-sum-norm"
+            and normalizers.max_length != self.max_length
+        ):
+            raise ValueError(
+                f"{where}: normalizers.max_length = {normalizers.max_length} but this objective's "
+                f"max_length = {self.max_length}; count the step with recipe.step_normalizers(...) "
+                f"or step_normalizers(..., max_length={self.max_length})"
+            )
         kl = None
         if self.kl_coef > 0:
-            kl = kl_penalty(
-                self._read(td, "log_probs"), self._read(td, "ref_log_probs"), mask, self.kl_estimator
+            kl = _kl(
+                "kl_penalty",
+                self._read(td, "log_probs"),
+                self._read(td, "ref_log_probs"),
+                pad,
+                self.kl_estimator,
+                checks,
             )
         entropy = self._read(td, "entropy") if self.entropy_coef != 0 else self._read_optional(td, "entropy")
-        is_weights = self._read_optional(td, "is_weights")
-        loss, terms = objective_loss(
-            token_loss,
-            mask,
-            aggregation=self.aggregation,
-            normalizers=normalizers,
-            is_weights=is_weights,
-            kl=kl,
-            kl_coef=self.kl_coef,
-            entropy=entropy,
-            entropy_coef=self.entropy_coef,
-            max_length=self.max_length,
-            sync_ranks=self.sync_ranks,
-            process_group=self.process_group,
+        if entropy is not None:
+            entropy = check_token_tensor(where, "entropy", entropy, "response_mask", mask)
+            entropy = pad.zero(entropy.to(compute_dtype(entropy, neg)))
+        loss, terms, rows = _loss(
+            self.aggregation,
+            pad,
+            neg,
+            is_weights,
+            kl,
+            self.kl_coef,
+            entropy,
+            self.entropy_coef,
+            norm,
         )
-        metrics = loss_metrics(
-            mask,
-            log_ratio=self._read_optional(td, "log_ratio"),
-            clipped=self._read_optional(td, "clipped"),
-            kl=kl,
-            entropy=entropy,
+        if checks.active:
+            if entropy is not None:
+                checks.finite("'entropy' at valid positions (per-row sums)", rows["entropy"].detach())
+            checks.finite(
+                "the loss (from 'token_loss', 'is_weights' and the advantages at valid positions)",
+                terms["policy_loss"].detach(),
+            )
+            checks.run()
+        metrics = _metrics(
+            pad,
+            log_ratio=log_ratio,
+            clipped=clipped,
+            kl_rows=rows.get("kl"),
+            entropy_rows=rows.get("entropy"),
             is_weights=is_weights,
+            clipped_high=clipped_high,
         )
         metrics["policy_loss"] = terms["policy_loss"].detach().float()
         out = {self._out_map["loss"]: loss}

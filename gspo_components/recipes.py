@@ -32,15 +32,17 @@ import torch
 from tensordict import NestedKey, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
+from ._checks import DeferredChecks
 from .advantages import (
     GroupMeanAdvantage,
     GroupNormalizedAdvantage,
     PerTokenAdvantage,
 )
 from .aggregation import LossNormalizers, step_normalizers
-from .clipping import CISPOClip, PPOClip
-from .importance import SequenceLogRatio, SequenceTokenLogRatio, TokenLogRatio
+from .clipping import CISPOClip, PPOClip, _ClipperModule
+from .importance import SequenceLogRatio, SequenceTokenLogRatio, TokenLogRatio, _LogRatioModule
 from .objective import Objective
+from .rollout_correction import RolloutCorrection
 
 __all__ = ["PolicyLoss", "Recipe", "cispo", "dapo", "dr_grpo", "grpo", "gspo", "gspo_token"]
 
@@ -51,6 +53,15 @@ class PolicyLoss(TensorDictModuleBase):
     It works on a shallow copy of the input, so the caller's TensorDict is not modified, and
     returns the Objective's output: a new TensorDict of batch size ``[]`` with ``loss`` and the
     metrics. ``forward(td, normalizers=...)`` passes the step's normalisers to the Objective.
+
+    **One pass.** When every part is a stock part (not a subclass overriding ``forward``) and
+    each intermediate key (``log_ratio``, ``is_weights``, ``token_loss``, ``clipped``) is read only
+    by the part after the one that writes it, the chain runs as one pass: the inputs are validated
+    and their padding cleaned once, a sequence-level ratio stays one number per row ([N]) through
+    the clipper and the aggregation, the metrics reuse the loss's tensors, and every value check
+    is resolved with one host synchronisation (none with validation off). The result, values and
+    gradients, is that of running the four modules one after the other, up to floating-point
+    summation order; otherwise they are run one after the other.
     """
 
     def __init__(
@@ -76,6 +87,47 @@ class PolicyLoss(TensorDictModuleBase):
             produced.update(part.out_keys)
         self.in_keys = in_keys
         self.out_keys = list(objective.out_keys)
+        self._one_pass = self._can_run_in_one_pass()
+
+    def _can_run_in_one_pass(self) -> bool:
+        w, rc, c, o = self.weighter, self.rollout_correction, self.clipper, self.objective
+        stock = (
+            isinstance(w, _LogRatioModule)
+            and type(w).forward is _LogRatioModule.forward
+            and isinstance(c, _ClipperModule)
+            and type(c).forward is _ClipperModule.forward
+            and type(o).forward is Objective.forward
+            and (
+                rc is None
+                or (isinstance(rc, RolloutCorrection) and type(rc).forward is RolloutCorrection.forward)
+            )
+        )
+        if not stock:
+            return False
+        links = {
+            w.out_key("log_ratio"): [c.key("log_ratio"), o.key("log_ratio")],
+            c.out_key("token_loss"): [o.key("token_loss")],
+            c.out_key("clipped"): [o.key("clipped")],
+        }
+        if rc is not None:
+            links[rc.out_key("is_weights")] = [o.key("is_weights")]
+        if any(key != produced for produced, readers in links.items() for key in readers):
+            return False
+        external = [w.key("log_probs"), w.key("old_log_probs"), c.key("advantages")]
+        external += [o.key(n) for n in ("log_probs", "ref_log_probs", "entropy") if n in o._in_map]
+        if rc is not None:
+            external += [rc.key("old_log_probs"), rc.key("rollout_log_probs"), rc.key("response_mask")]
+        if o._in_map.get("is_weights") is not None and rc is None:
+            external.append(o.key("is_weights"))
+        mask_key = w.key("response_mask")
+        if any(part.key("response_mask") != mask_key for part in (c, o)):
+            return False
+        if rc is not None and rc.key("response_mask") != mask_key:
+            return False
+        produced_keys = list(links)
+        return len(set(produced_keys)) == len(produced_keys) and not set(produced_keys) & set(
+            [*external, mask_key]
+        )
 
     def key(self, name: str) -> NestedKey:
         """The key the chain uses for the canonical entry ``name``: that of the first part, in
@@ -101,12 +153,29 @@ class PolicyLoss(TensorDictModuleBase):
             raise ValueError(
                 f"PolicyLoss: expects a TensorDict of batch size [N], got {type(tensordict).__name__}"
             )
+        if self._one_pass:
+            return self._forward_one_pass(tensordict, normalizers)
         work = tensordict.copy()
         work = self.weighter(work)
         if self.rollout_correction is not None:
             work = self.rollout_correction(work)
         work = self.clipper(work)
         return self.objective(work, normalizers=normalizers)
+
+    def _forward_one_pass(self, td: TensorDictBase, normalizers: LossNormalizers | None) -> TensorDictBase:
+        checks = DeferredChecks("PolicyLoss")
+        log_ratio, pad = self.weighter._chain(td, checks)
+        is_weights = None
+        if self.rollout_correction is not None:
+            is_weights = self.rollout_correction._chain(td, pad, checks)
+        else:
+            is_weights = self.objective._read_optional(td, "is_weights")
+            if is_weights is not None:
+                is_weights = self.objective._clean_is_weights(is_weights, pad, log_ratio.dtype)
+        neg, clipped, high = self.clipper._chain(td, log_ratio, pad, checks)
+        return self.objective._compute(
+            td, pad, neg, clipped, log_ratio, is_weights, normalizers, checks, high
+        )
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDictBase
 
-from ._checks import check_choice, check_mask, check_range, check_token_tensor, compute_dtype
+from ._checks import DeferredChecks, check_choice, check_mask, check_range, check_token_tensor, compute_dtype
+from ._masking import Padding
 from ._module import KeyedModule, KeyOverrides
 
 __all__ = ["ROLLOUT_LEVELS", "ROLLOUT_MODES", "RolloutCorrection", "rollout_correction_weights"]
@@ -68,24 +69,49 @@ def rollout_correction_weights(
     where = "rollout_correction_weights"
     low = _check_params(where, level, mode, upper, lower)
     mask = check_mask(where, "response_mask", response_mask)
-    old = check_token_tensor(where, "old_log_probs", old_log_probs, "response_mask", mask)
-    rollout = check_token_tensor(where, "rollout_log_probs", rollout_log_probs, "response_mask", mask)
+    checks = DeferredChecks(where)
+    pad = Padding(mask)
+    weights = _weights(where, old_log_probs, rollout_log_probs, pad, level, mode, upper, low, checks)
+    checks.run()
+    if weights.dim() == 1:
+        weights = weights.unsqueeze(-1)
+    return pad.zero(weights)
+
+
+@torch.no_grad()
+def _weights(
+    where: str,
+    old_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    pad: Padding,
+    level: str,
+    mode: str,
+    upper: float,
+    low: float,
+    checks: DeferredChecks,
+) -> torch.Tensor:
+    """The weights on a bool mask: [N, T] with 0 at padding for ``token``, one per row ([N]) for
+    the sequence levels (constant over the row's valid tokens)."""
+    old = check_token_tensor(where, "old_log_probs", old_log_probs, "response_mask", pad.mask)
+    rollout = check_token_tensor(where, "rollout_log_probs", rollout_log_probs, "response_mask", pad.mask)
     dtype = compute_dtype(old, rollout)
-    zero = torch.zeros((), dtype=dtype, device=old.device)
-    u = torch.where(mask, old.to(dtype) - rollout.to(dtype), zero)
+    u = pad.zero(old.to(dtype) - rollout.to(dtype))
+    total = u.sum(-1) if (checks.active or level != "token") else u
+    checks.finite("'old_log_probs' and 'rollout_log_probs' at valid positions (per-row sums)", total)
     if level == "token":
         log_rho = u
+    elif level == "sequence-geometric":
+        log_rho = total / pad.lengths.clamp(min=1).to(dtype)
     else:
-        total = u.sum(-1, keepdim=True)
-        if level == "sequence-geometric":
-            total = total / mask.sum(-1, keepdim=True).clamp(min=1).to(dtype)
-        log_rho = total.expand_as(u)
+        log_rho = total
     rho = torch.exp(log_rho.clamp(-_MAX_LOG_RHO, _MAX_LOG_RHO))
     if mode == "truncate":
         weights = rho.clamp(max=upper)
     else:
-        weights = torch.where((rho >= low) & (rho <= upper), rho, zero)
-    return torch.where(mask, weights, zero)
+        weights = rho * ((rho >= low) & (rho <= upper)).view(torch.uint8).to(dtype)  # rho is finite: exact
+    if level == "token":
+        weights = pad.zero(weights)
+    return weights
 
 
 class RolloutCorrection(KeyedModule):
@@ -127,6 +153,20 @@ class RolloutCorrection(KeyedModule):
         )
         td.set(self._out_map["is_weights"], weights)
         return td
+
+    def _chain(self, td: TensorDictBase, pad: Padding, checks: DeferredChecks) -> torch.Tensor:
+        """PolicyLoss's single pass: [N, T] weights (0 at padding), or one per row ([N])."""
+        return _weights(
+            "rollout_correction_weights",
+            self._read(td, "old_log_probs"),
+            self._read(td, "rollout_log_probs"),
+            pad,
+            self.level,
+            self.mode,
+            self.upper,
+            0.0 if self.lower is None else float(self.lower),
+            checks,
+        )
 
     def extra_repr(self) -> str:
         return f"level={self.level!r}, mode={self.mode!r}, upper={self.upper}, lower={self.lower}"
