@@ -22,7 +22,8 @@ Mixture-of-experts policies (``config.routing_replay``, see docs/moe.md):
 For MoE policies the loop logs ``routing_volatility`` and ``tokens_rerouted`` per step (means
 over the step's minibatches), measured in the π_θ forwards with or without replay.
 
-It logs reward, accuracy, clip fractions, KL, ratio statistics and tokens/s to a JSON-lines file
+It logs reward, accuracy, the gradient norm before clipping (``grad_norm``, mean over the
+minibatches), clip fractions, KL, ratio statistics and tokens/s to a JSON-lines file
 and a progress bar, and saves / resumes checkpoints (policy, optimizer, learning-rate scheduler,
 sampler state, step, history, RNG). An optional ``lr_scheduler`` is stepped once per RL step,
 after the updates. The sampler's state (its seed generator, when the sampler has
@@ -268,6 +269,7 @@ def train(
                 td = ref_scorer(td)
             outputs: list[TensorDictBase] = []
             routing_values: list[dict[str, torch.Tensor]] = []
+            grad_norms: list[float] = []
             # Without a routing to compare against (no π_old record, no rollout routing): no metrics.
             step_scorer = (
                 scorer if routing.policy != "compare" or "routed_experts" in td.keys() else plain_scorer
@@ -290,8 +292,11 @@ def train(
                     out = recipe.loss(mb)
                     optimizer.zero_grad(set_to_none=True)
                     out[loss_key].backward()
-                    if config.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        policy.parameters(),
+                        config.max_grad_norm if config.max_grad_norm is not None else float("inf"),
+                    )
+                    grad_norms.append(float(grad_norm))
                     optimizer.step()
                     outputs.append(out.detach())
             if lr_scheduler is not None:
@@ -318,6 +323,8 @@ def train(
                 values = [float(o[key]) for o in outputs if key in o.keys(include_nested=True)]
                 if values:
                     metrics[name] = reduce(values)
+            if grad_norms:  # a plain mean: a non-finite norm must show
+                metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
             for name in ("routing_volatility", "tokens_rerouted"):
                 if routing_values:
                     metrics[name] = _mean([float(v[name]) for v in routing_values])
