@@ -322,14 +322,16 @@ def _metrics(
     if log_ratio is not None:
         lr = log_ratio.detach()
         nan = torch.full((), float("nan"), dtype=f32, device=lr.device)
-        first_row = rows.view(torch.uint8).argmax()
+        # the first valid token fills the padding for min/max (index_select/gather: no host sync)
+        first_row = rows.view(torch.uint8).argmax().view(1)
         if lr.dim() == 2:
             ratio_sum = (torch.exp(lr).sum(-1) - (lr.shape[-1] - lengths).to(lr.dtype)).sum()
-            first = lr[first_row, mask[first_row].view(torch.uint8).argmax()]
+            first_col = mask.index_select(0, first_row).view(torch.uint8).argmax(-1, keepdim=True)
+            first = lr.index_select(0, first_row).gather(1, first_col).view(())
             spread = fill_padding(lr, first, pad.padding(lr.dtype))
         else:
             ratio_sum = (torch.exp(lr) * lengths.to(lr.dtype)).sum()
-            spread = torch.where(rows, lr, lr[first_row])
+            spread = torch.where(rows, lr, lr.index_select(0, first_row).view(()))
         low, high = torch.aminmax(spread)
         some = n_tok > 0
         out["ratio_mean"] = torch.where(some, ratio_sum.to(f32) / tok, nan)
