@@ -203,10 +203,11 @@ class _LossProbe(torch.nn.Module):
     """Wraps a recipe's loss: records per-minibatch ratio variances, the engine mismatch and the
     routing metrics (by minibatch index within the step), then returns the loss unchanged."""
 
-    def __init__(self, inner: torch.nn.Module, minibatches: int) -> None:
+    def __init__(self, inner: torch.nn.Module, minibatches: int, engine_gap: bool) -> None:
         super().__init__()
         self.inner = inner
         self.minibatches = minibatches
+        self.engine_gap = engine_gap  # π_old recomputed in float32: measure its gap to the engine
         self.records: list[dict[str, float]] = []
 
     def key(self, name: str) -> Any:
@@ -230,7 +231,7 @@ class _LossProbe(torch.nn.Module):
                 "token_ratio_var": float(token_ratio.var()) if token_ratio.numel() > 1 else 0.0,
                 "seq_ratio_var": float(seq_ratio.var()) if seq_ratio.numel() > 1 else 0.0,
             }
-            if "rollout_log_probs" in td.keys():
+            if self.engine_gap and "rollout_log_probs" in td.keys():
                 gap = torch.where(mask, td["old_log_probs"].float() - td["rollout_log_probs"].float(), 0.0)
                 rec["engine_seq_logratio_abs"] = float((gap.sum(-1)[rows] / lengths[rows]).abs().mean())
             if "rerouted" in td.keys():
@@ -286,7 +287,7 @@ def run_seed(job: dict[str, Any]) -> dict[str, Any]:
         return_routed_experts=spec["routing_replay"] == "R3",
     )
     base = getattr(gc, spec["recipe"])()
-    probe = _LossProbe(base.loss, settings.minibatches)
+    probe = _LossProbe(base.loss, settings.minibatches, engine_gap=not spec["old_from_rollout"])
     recipe = Recipe(arm, base.advantage, probe)
     pairs = train_pairs(settings)
     held = heldout_pairs(settings)
@@ -375,7 +376,7 @@ def summarize(arm: str, seed: int, record: dict[str, Any], path: Path) -> dict[s
         else ("accuracy fell below half its peak" if fell else None),
         "final_reward": mean_of("reward", tail),
         "mean": {k: mean_of(k, history) for k in keys},
-        "curves": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+        "curves": str(path),
         "steps": len(history),
     }
 
@@ -422,11 +423,7 @@ def plot(summary: dict[str, Any], plots: Path, prefix: str) -> list[str]:
         for arm, entry in summary["arms"].items():
             curves = []
             for s in entry["seeds"]:
-                record = json.loads(
-                    (
-                        ROOT / s["curves"] if not Path(s["curves"]).is_absolute() else Path(s["curves"])
-                    ).read_text()
-                )
+                record = json.loads(Path(s["curves"]).read_text())
                 pts = [(m["step"], m.get(key)) for m in record["history"] if _finite(m.get(key))]
                 if sparse:
                     pts = [(0.0, record.get("initial_heldout_accuracy")), *pts]
@@ -542,7 +539,21 @@ def main(argv: list[str] | None = None) -> int:
             entry["mean"][key] = statistics.fmean(vals) if vals else None
         summary["arms"][arm] = entry
     results.mkdir(parents=True, exist_ok=True)
+    # Keep each seed's curves beside the summary (the work folder is not kept); paths in the
+    # summary are relative to summary.json's folder.
+    (results / "curves").mkdir(exist_ok=True)
+    for arm, entry in summary["arms"].items():
+        for row in entry["seeds"]:
+            target = results / "curves" / f"{arm.replace('+', '_')}_seed{row['seed']}.json"
+            if Path(row["curves"]).resolve() != target.resolve():
+                target.write_text(Path(row["curves"]).read_text())
+            row["curves"] = str(target)
     summary["plots"] = [str(plots / p) for p in plot(summary, plots, "" if args.quick else "evidence_")]
+    for entry in summary["arms"].values():
+        for row in entry["seeds"]:
+            row["curves"] = os.path.relpath(row["curves"], results)
+    summary["plots"] = [os.path.relpath(p, results) for p in summary["plots"]]
+    summary["setup"]["commit"] = _commit()
     (results / "summary.json").write_text(json.dumps(summary, indent=2, default=lambda v: None) + "\n")
     print(
         json.dumps(
@@ -555,6 +566,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"wrote {results / 'summary.json'} in {summary['setup']['seconds']:.0f} s")
     return 0
+
+
+def _commit() -> str | None:
+    """The git commit the runner's code came from, when it runs from a checkout."""
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _cpu() -> str:

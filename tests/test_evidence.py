@@ -42,14 +42,19 @@ def test_quick_run_writes_the_summary_and_resumes(tmp_path: Path) -> None:
         assert isinstance(entry["collapses"], int) and len(entry["seeds"]) == 1, arm
         seed = entry["seeds"][0]
         assert seed["steps"] == 3
-        record = json.loads(Path(seed["curves"]).read_text())
+        record = json.loads((tmp_path / seed["curves"]).read_text())
         history = record["history"]
         assert [m["step"] for m in history] == [1.0, 2.0, 3.0]
         last = history[-1]
         for key in ("reward", "clip_fraction", "seq_clip_fraction", "grad_norm", "token_ratio_var",
-                    "seq_ratio_var", "heldout_accuracy", "routing_volatility", "tokens_rerouted"):  # fmt: skip
+                    "seq_ratio_var", "heldout_accuracy"):  # fmt: skip
             assert key in last and math.isfinite(last[key]), (arm, key, last.get(key))
-        assert 0.0 <= last["routing_volatility"] <= last["tokens_rerouted"] <= 1.0
+        # Routing metrics need a recorded routing: the π_old forward's, or R3's rollout routing.
+        # The bf16-π_old arms skip the π_old forward and do not record rollout routing.
+        if not arm.endswith("bf16old"):
+            assert 0.0 <= last["routing_volatility"] <= last["tokens_rerouted"] <= 1.0, arm
+        else:
+            assert "routing_volatility" not in last, arm
         # π_old from the bf16 engine: no float32-vs-engine gap to measure; otherwise it is measured.
         assert ("engine_seq_logratio_abs" in last) != arm.endswith("bf16old"), arm
     assert (tmp_path / "curves.png").stat().st_size > 10_000
