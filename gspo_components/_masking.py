@@ -21,6 +21,8 @@ primitives are exact and inert, and fast:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _INT_OF = {
@@ -63,26 +65,31 @@ def zero_padding(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return _ZeroPadding.apply(x, bits)
 
 
-class _ClampedExp(torch.autograd.Function):
+class _ClampRatio(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bound: float) -> torch.Tensor:  # type: ignore[override]
-        ratio = torch.exp(x.clamp(-bound, bound))
-        ctx.save_for_backward(ratio * (x.abs() <= bound).to(ratio.dtype))
+    def forward(ctx, x: torch.Tensor, raw: torch.Tensor, low: float, high: float) -> torch.Tensor:  # type: ignore[override]
+        ratio = raw.clamp(low, high)
+        ctx.save_for_backward(ratio * (raw == ratio).view(torch.uint8).to(ratio.dtype))
         return ratio
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         (scale,) = ctx.saved_tensors
-        return grad * scale, None
+        return grad * scale, None, None, None
 
 
-def clamped_exp(x: torch.Tensor, bound: float | None) -> torch.Tensor:
-    """exp(clamp(x, −bound, bound)); gradient exp(x) for |x| ≤ bound, else 0 (NaN: 0)."""
+def clamped_exp(x: torch.Tensor, bound: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w, e): w = clamp(exp(x), e^−bound, e^bound), which is exp(clamp(x, −bound, bound)) (exp is
+    monotone), with gradient exp(x) inside the band and exactly 0 outside it (and at NaN), as
+    autograd's clamp gives, at the cost of one multiplication in the backward; and e = exp(x),
+    detached, for the metrics."""
+    raw = torch.exp(x.detach())
     if bound is None:
-        return torch.exp(x)
+        return (torch.exp(x) if x.requires_grad else raw), raw
+    low, high = math.exp(-bound), math.exp(bound)
     if not x.requires_grad:
-        return torch.exp(x.clamp(-bound, bound))
-    return _ClampedExp.apply(x, bound)
+        return raw.clamp(low, high), raw
+    return _ClampRatio.apply(x, raw, low, high), raw
 
 
 def select(condition: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

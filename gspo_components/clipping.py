@@ -62,9 +62,10 @@ __all__ = [
 
 DEFAULT_MAX_LOG_RATIO = 20.0
 
-# A kernel returns (−J, C, C_high): C_high marks the clipped tokens with w > 1 (the others have
-# w < 1: a stock clipper never clips w = 1), computed from what the kernel already holds.
-Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# A kernel returns (−J, C, C_high, e): C_high marks the clipped tokens with w > 1 (the others have
+# w < 1: a stock clipper never clips w = 1), and e = exp(log_ratio) unclamped and detached, both
+# from what the kernel already holds, for the metrics.
+Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _prepare(
@@ -115,7 +116,11 @@ def _const(value: float, like: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(
-    neg_surrogate: torch.Tensor, clipped: torch.Tensor, _high: torch.Tensor, pad: Padding
+    neg_surrogate: torch.Tensor,
+    clipped: torch.Tensor,
+    _high: torch.Tensor,
+    _ratio: torch.Tensor,
+    pad: Padding,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return pad.zero(neg_surrogate), clipped & pad.mask
 
@@ -171,7 +176,7 @@ def _ppo_kernel(
     eps_high: float,
     dual_clip: float | None,
     max_log_ratio: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(−J, C, C_high) on clean, broadcastable inputs, with as few full-size passes as possible.
 
     The clip condition C = (Â>0 ∧ w>1+ε_high) ∨ (Â<0 ∧ w<1−ε_low) is computed as
@@ -179,7 +184,7 @@ def _ppo_kernel(
     exactly when x > y, and Â = 0 or NaN gives False. −J = where(C, b, w) · (−Â) equals
     −where(C, b Â, w Â) bit for bit (the ``where`` is a :func:`select` while w is finite).
     """
-    ratio = clamped_exp(log_ratio, max_log_ratio)
+    ratio, raw = clamped_exp(log_ratio, max_log_ratio)
     bound = torch.where(adv > 0, _const(1.0 + eps_high, adv), _const(1.0 - eps_low, adv))
     clipped = (ratio - bound) * torch.sign(adv) > 0
     if max_log_ratio is None:  # w may be inf: a multiplication by 0 would give NaN
@@ -192,7 +197,7 @@ def _ppo_kernel(
         neg = torch.where(dual, -(dual_clip * adv), neg)
         clipped = clipped | dual
         high = high | dual
-    return neg, clipped, high
+    return neg, clipped, high, raw
 
 
 def _cispo_params(where: str, eps_high: float, eps_low: float | None, max_log_ratio: float | None) -> dict:
@@ -233,12 +238,12 @@ def _cispo_kernel(
     eps_high: float,
     eps_low: float | None,
     max_log_ratio: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(−J, C, C_high) on clean inputs. −J = K + K' · (log w − sg[log w]) with K = sg[−ŵ Â] and K' = K
     inside the ±max_log_ratio band, 0 outside it (where the clamp stops the gradient): the bracket
     is exactly 0, so the value is −ŵ Â bit for bit, and the gradient is −ŵ Â ∇ℓ."""
     lr = log_ratio.detach()
-    ratio = torch.exp(lr if max_log_ratio is None else lr.clamp(-max_log_ratio, max_log_ratio))
+    ratio, raw = clamped_exp(lr, max_log_ratio)
     high = 1.0 + eps_high
     clipped = above = ratio > high
     truncated = ratio.clamp(max=high)
@@ -247,13 +252,9 @@ def _cispo_kernel(
         truncated = truncated.clamp(min=1.0 - eps_low)
     neg = truncated * (-adv)
     if log_ratio.requires_grad:
-        gate = (
-            neg
-            if max_log_ratio is None
-            else neg * (lr.abs() <= max_log_ratio).view(torch.uint8).to(neg.dtype)
-        )
-        neg = neg + gate * (log_ratio - lr)
-    return neg, clipped, above
+        gate = neg if max_log_ratio is None else neg * (raw == ratio).view(torch.uint8).to(neg.dtype)
+        neg = torch.addcmul(neg, gate, log_ratio - lr)
+    return neg, clipped, above, raw
 
 
 def _sapo_params(where: str, tau_pos: float, tau_neg: float, max_log_ratio: float | None) -> dict:
@@ -286,22 +287,22 @@ def sapo_loss(
 
 def _sapo_kernel(
     log_ratio: torch.Tensor, adv: torch.Tensor, *, tau_pos: float, tau_neg: float, max_log_ratio: float | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ratio = clamped_exp(log_ratio, max_log_ratio)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ratio, raw = clamped_exp(log_ratio, max_log_ratio)
     tau = torch.where(adv > 0, _const(tau_pos, adv), _const(tau_neg, adv))
     gate = (4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0))
     neg = -(gate * adv)
     never = torch.zeros(neg.shape, dtype=torch.bool, device=neg.device)
-    return neg, never, never
+    return neg, never, never, raw
 
 
 def _unclipped_kernel(
     log_ratio: torch.Tensor, adv: torch.Tensor, *, max_log_ratio: float | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ratio = clamped_exp(log_ratio, max_log_ratio)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ratio, raw = clamped_exp(log_ratio, max_log_ratio)
     neg = -(ratio * adv)
     never = torch.zeros(neg.shape, dtype=torch.bool, device=neg.device)
-    return neg, never, never
+    return neg, never, never, raw
 
 
 def unclipped_loss(
@@ -356,9 +357,9 @@ class _ClipperModule(KeyedModule):
 
     def _chain(
         self, td: TensorDictBase, log_ratio: torch.Tensor, pad: Padding, checks: DeferredChecks
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """PolicyLoss's single pass, on the weighter's clean log-ratio ([N] per row, or [N, T] with
-        0 at padding). Returns (−J, C, C_high), [N] when both the log-ratio and the advantages are per row,
+        0 at padding). Returns (−J, C, C_high, exp(log_ratio)), [N] when both the log-ratio and the advantages are per row,
         else [N, T]; C is False at padding, −J is not masked (the Objective masks it)."""
         where = self._loss_fn.__name__
         advantages = check_advantages(where, "advantages", self._read(td, "advantages"), pad.mask)
@@ -368,8 +369,8 @@ class _ClipperModule(KeyedModule):
         if log_ratio.dim() != adv.dim():
             if log_ratio.dim() == 1:
                 log_ratio = log_ratio.unsqueeze(-1)
-            else:
-                adv = adv.unsqueeze(-1)
+            else:  # [N, T] advantages with 0 at padding make −J exactly 0 there (w is finite)
+                adv = pad.zero(adv.unsqueeze(-1))
         return self._kernel(log_ratio, adv, **self.params)
 
     def extra_repr(self) -> str:

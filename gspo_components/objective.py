@@ -159,6 +159,7 @@ def _policy_rows(
     pad: Padding,
     is_weights: torch.Tensor | None,
     aggregation: str,
+    neg_masked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row sums (and means) of token_loss · is_weights over the valid tokens.
 
@@ -171,7 +172,7 @@ def _policy_rows(
         per_token = neg
         if is_weights is not None:
             per_token = per_token * (is_weights.unsqueeze(-1) if is_weights.dim() == 1 else is_weights)
-        return _rows_of_tokens(pad.zero(per_token), lengths, aggregation)
+        return _rows_of_tokens(per_token if neg_masked else pad.zero(per_token), lengths, aggregation)
     # One value v_i per row. The value is summed over the row's tokens exactly as a per-token loss
     # would be (so GSPO equals GSPO-token bit for bit); the gradient flows through the [N] form
     # L_i · v_i, whose value term is an exact 0.
@@ -203,10 +204,11 @@ def _loss(
     entropy: torch.Tensor | None,
     entropy_coef: float,
     norm: tuple[Number, Number, Number, int],
+    neg_masked: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """loss, its terms (policy_loss, kl, entropy) and the per-row sums of KL and entropy."""
     lengths = pad.lengths
-    row_sum, row_mean = _policy_rows(neg, pad, is_weights, aggregation)
+    row_sum, row_mean = _policy_rows(neg, pad, is_weights, aggregation, neg_masked)
     policy = _reduce_rows(aggregation, row_sum, row_mean, norm)
     terms = {"policy_loss": policy}
     rows: dict[str, torch.Tensor] = {}
@@ -292,6 +294,7 @@ def _metrics(
     entropy_rows: torch.Tensor | None,
     is_weights: torch.Tensor | None,
     clipped_high: torch.Tensor | None = None,
+    ratio: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Metrics from tensors the loss already holds, without a host synchronisation.
 
@@ -300,6 +303,7 @@ def _metrics(
     (0 at padding). ``clipped_high``, from a stock clipper, marks the clipped tokens with w > 1;
     every other clipped token has w < 1 (a stock clipper never clips w = 1), so the low side is
     the total minus the high side. Without it both sides are counted from the sign of log_ratio.
+    ``ratio``, when given, is exp(log_ratio) already computed (1 at padding).
     """
     f32 = torch.float32
     mask, lengths = pad.mask, pad.lengths
@@ -324,13 +328,14 @@ def _metrics(
         nan = torch.full((), float("nan"), dtype=f32, device=lr.device)
         # the first valid token fills the padding for min/max (index_select/gather: no host sync)
         first_row = rows.view(torch.uint8).argmax().view(1)
+        exp_lr = torch.exp(lr) if ratio is None else ratio.detach().view(lr.shape)
         if lr.dim() == 2:
-            ratio_sum = (torch.exp(lr).sum(-1) - (lr.shape[-1] - lengths).to(lr.dtype)).sum()
+            ratio_sum = (exp_lr.sum(-1) - (lr.shape[-1] - lengths).to(lr.dtype)).sum()
             first_col = mask.index_select(0, first_row).view(torch.uint8).argmax(-1, keepdim=True)
             first = lr.index_select(0, first_row).gather(1, first_col).view(())
             spread = fill_padding(lr, first, pad.padding(lr.dtype))
         else:
-            ratio_sum = (torch.exp(lr) * lengths.to(lr.dtype)).sum()
+            ratio_sum = (exp_lr * lengths.to(lr.dtype)).sum()
             spread = torch.where(rows, lr, lr.index_select(0, first_row).view(()))
         low, high = torch.aminmax(spread)
         some = n_tok > 0
@@ -338,7 +343,10 @@ def _metrics(
         out["ratio_min"] = torch.where(some, torch.exp(low).to(f32), nan)
         out["ratio_max"] = torch.where(some, torch.exp(high).to(f32), nan)
         if clipped is not None and total is not None:
-            if clipped_high is not None:
+            if clipped_high is clipped:  # e.g. CISPO without a lower bound: every clip is high
+                high_count = total
+                low_count = torch.zeros_like(total)
+            elif clipped_high is not None:
                 high_count = _side_count(clipped_high, rows, lengths)
                 low_count = total - high_count
             else:
@@ -515,6 +523,7 @@ class Objective(KeyedModule):
         normalizers: LossNormalizers | None,
         checks: DeferredChecks,
         clipped_high: torch.Tensor | None,
+        ratio: torch.Tensor | None = None,
     ) -> TensorDictBase:
         """The loss and metrics from clean inputs: ``neg`` (−J) [N, T] (masked here) or [N] per
         row; ``clipped`` False at padding; ``log_ratio`` 0 at padding or [N]; ``is_weights`` 0 at
@@ -569,6 +578,7 @@ class Objective(KeyedModule):
             entropy,
             self.entropy_coef,
             norm,
+            neg_masked=clipped_high is not None,  # the one-pass chain's −J is 0 at padding
         )
         if checks.active:
             if entropy is not None:
@@ -586,6 +596,7 @@ class Objective(KeyedModule):
             entropy_rows=rows.get("entropy"),
             is_weights=is_weights,
             clipped_high=clipped_high,
+            ratio=ratio,
         )
         metrics["policy_loss"] = terms["policy_loss"].detach().float()
         out = {self._out_map["loss"]: loss}

@@ -172,9 +172,9 @@ class PolicyLoss(TensorDictModuleBase):
             is_weights = self.objective._read_optional(td, "is_weights")
             if is_weights is not None:
                 is_weights = self.objective._clean_is_weights(is_weights, pad, log_ratio.dtype)
-        neg, clipped, high = self.clipper._chain(td, log_ratio, pad, checks)
+        neg, clipped, high, ratio = self.clipper._chain(td, log_ratio, pad, checks)
         return self.objective._compute(
-            td, pad, neg, clipped, log_ratio, is_weights, normalizers, checks, high
+            td, pad, neg, clipped, log_ratio, is_weights, normalizers, checks, high, ratio
         )
 
 

@@ -55,7 +55,7 @@ def test_validation_is_on_by_default_and_the_context_manager_restores_it() -> No
 def test_value_checks_are_skipped_with_validation_off() -> None:
     td = _td()
     td["response_mask"] = td["response_mask"].float() * 2  # not 0/1: an error only when validating
-    with pytest.raises(ValueError, match="response_mask.*only 0 and 1"):
+    with pytest.raises(ValueError, match=r"response_mask.*only 0 and 1"):
         gc.grpo().loss(td)
     with gc.validation(False):
         out = gc.grpo().loss(td)  # read as mask != 0
@@ -167,7 +167,7 @@ def test_normalizers_smaller_than_the_batch_are_an_error() -> None:
     td = _td()
     with pytest.raises(ValueError, match="normalizers count fewer tokens or sequences"):
         gc.grpo().loss(td, normalizers=gc.LossNormalizers(3.0, 2.0, 5.0))
-    with pytest.raises(ValueError, match="longer than normalizers.max_length"):
+    with pytest.raises(ValueError, match=r"longer than normalizers\.max_length"):
         gc.dr_grpo().loss(td, normalizers=gc.LossNormalizers(100.0, 10.0, 3.0))
     norm = gc.step_normalizers([td["response_mask"], td["response_mask"]])
     out = gc.grpo().loss(td, normalizers=norm)
