@@ -454,6 +454,40 @@ def plot(summary: dict[str, Any], plots: Path, prefix: str) -> list[str]:
     return [name]
 
 
+def _fmt(v: Any, digits: int = 3) -> str:
+    if not _finite(v):
+        return "–"
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
+        return f"{v:.2e}"
+    return f"{v:.{digits}f}"
+
+
+def report(summary: dict[str, Any]) -> str:
+    """A markdown table of ``summary``: per arm, means across seeds (min–max for accuracies)."""
+
+    def acc(entry: dict[str, Any], key: str) -> str:
+        v = entry.get(key)
+        return f"{v['mean']:.3f} ({v['min']:.2f}–{v['max']:.2f})" if v else "–"
+
+    lines = [
+        "| arm | seeds | collapses | held-out acc. start | final (min–max) | peak (min–max) | reward, last 20 % | "
+        "token clip frac. | seq clip frac. | routing volatility | after 1 update | var token ratio | "
+        "var seq ratio | grad norm | fp32 vs bf16 π_old, per seq. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, e in summary["arms"].items():
+        m = e["mean"]
+        start = statistics.fmean(r["initial_heldout_accuracy"] for r in e["seeds"])
+        lines.append(
+            f"| {arm} | {len(e['seeds'])} | {e['collapses']} | {start:.3f} | {acc(e, 'final_heldout_accuracy')} | "
+            f"{acc(e, 'peak_heldout_accuracy')} | {_fmt((e.get('final_reward') or {}).get('mean'))} | "
+            f"{_fmt(m['clip_fraction'])} | {_fmt(m['seq_clip_fraction'])} | {_fmt(m['routing_volatility'])} | "
+            f"{_fmt(m['routing_volatility_after_1_update'])} | {_fmt(m['token_ratio_var'])} | {_fmt(m['seq_ratio_var'])} | "
+            f"{_fmt(m['grad_norm'])} | {_fmt(m['engine_seq_logratio_abs'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms: " + ", ".join(ARMS))
@@ -473,7 +507,16 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="every arm, 1 seed, 3 steps, short warm-up, outputs under --out"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite summary.md from an existing summary.json"
+    )
     args = parser.parse_args(argv)
+    if args.report_only:
+        results = args.results or ROOT / "benchmarks" / "results" / "evidence"
+        summary = json.loads((results / "summary.json").read_text())
+        (results / "summary.md").write_text(report(summary))
+        print(report(summary))
+        return 0
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -555,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["plots"] = [os.path.relpath(p, results) for p in summary["plots"]]
     summary["setup"]["commit"] = _commit()
     (results / "summary.json").write_text(json.dumps(summary, indent=2, default=lambda v: None) + "\n")
+    (results / "summary.md").write_text(report(summary))
     print(
         json.dumps(
             {
