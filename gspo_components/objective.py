@@ -96,12 +96,6 @@ def _normalizer_values(
                 (lengths.sum() <= normalizers.num_tokens)
                 & ((lengths > 0).sum() <= normalizers.num_sequences),
             )
-            if aggregation == "seq-mean-token-sum-norm":
-                checks.require(
-                    f"a response is longer than normalizers.max_length = {normalizers.max_length} "
-                    "(L_norm must be at least every response's length)",
-                    lengths.max() <= normalizers.max_length,
-                )
         return (
             normalizers.num_tokens,
             normalizers.num_sequences,

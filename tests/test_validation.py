@@ -92,7 +92,12 @@ def test_non_finite_valid_log_prob_in_the_pure_functions() -> None:
     mask = torch.tensor([[True, True, False]])
     lp = torch.tensor([[-1.0, INF, NAN]])
     old = torch.tensor([[-1.0, -1.0, NAN]])
-    for fn in (gc.token_log_ratio, gc.sequence_log_ratio, gc.sequence_token_log_ratio, gc.sequence_mean_log_ratio):
+    for fn in (
+        gc.token_log_ratio,
+        gc.sequence_log_ratio,
+        gc.sequence_token_log_ratio,
+        gc.sequence_mean_log_ratio,
+    ):
         with pytest.raises(ValueError, match=fn.__name__):
             fn(lp, old, mask)
     with pytest.raises(ValueError, match="ref_log_probs"):
@@ -131,7 +136,10 @@ def test_an_empty_rows_advantage_is_inert() -> None:
 @pytest.mark.parametrize(
     ("build", "fragment"),
     [
-        (lambda: gc.objective_loss(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), max_length=INF), "max_length"),
+        (
+            lambda: gc.objective_loss(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), max_length=INF),
+            "max_length",
+        ),
         (lambda: gc.grpo(kl_coef=INF), "kl_coef must be a finite number"),
         (lambda: gc.grpo(kl_coef=NAN), "kl_coef must be a finite number"),
         (lambda: gc.dr_grpo(max_length=2.9), "max_length must be an integer"),
@@ -167,8 +175,9 @@ def test_normalizers_smaller_than_the_batch_are_an_error() -> None:
     td = _td()
     with pytest.raises(ValueError, match="normalizers count fewer tokens or sequences"):
         gc.grpo().loss(td, normalizers=gc.LossNormalizers(3.0, 2.0, 5.0))
-    with pytest.raises(ValueError, match=r"longer than normalizers\.max_length"):
-        gc.dr_grpo().loss(td, normalizers=gc.LossNormalizers(100.0, 10.0, 3.0))
+    # L_norm in the step's normalisers is a constant of the caller's choosing (verl's
+    # loss_scale_factor may be below the longest response): only the counts are checked
+    assert torch.isfinite(gc.dr_grpo().loss(td, normalizers=gc.LossNormalizers(100.0, 10.0, 3.0))["loss"])
     norm = gc.step_normalizers([td["response_mask"], td["response_mask"]])
     out = gc.grpo().loss(td, normalizers=norm)
     assert torch.isfinite(out["loss"])
@@ -200,5 +209,7 @@ def test_meta_tensors_trace_shapes_with_validation_on() -> None:
 def test_mixed_devices_name_the_key() -> None:
     td = _td()
     td["log_probs"] = td["log_probs"].to("meta")
-    with pytest.raises(ValueError, match=r"'log_probs' must be on the device of 'response_mask' \(cpu\), got meta"):
+    with pytest.raises(
+        ValueError, match=r"'log_probs' must be on the device of 'response_mask' \(cpu\), got meta"
+    ):
         gc.grpo().loss(td)
