@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tensordict import NestedKey, TensorDict, TensorDictBase
+from tensordict import LazyStackedTensorDict, NestedKey, TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torchrl.objectives import LossModule
 
@@ -276,7 +276,18 @@ class RecipeLoss(LossModule):
 
     def _advantages(self, td: TensorDictBase, n: int, width: int) -> torch.Tensor:
         key = self.tensor_keys.advantage
-        adv = td.get(key, None, as_padded_tensor=True, padding_side="left", padding_value=0.0)
+        if isinstance(td, LazyStackedTensorDict) and key in td.keys(include_nested=True):
+            # One scalar per sequence ([N] over a lazy stack): tensordict's padded read fails on
+            # 0-dim entries ("ArrayRef: invalid slice"), and nothing needs padding there.
+            first = td.tensordicts[0].get(key) if td.tensordicts else None
+            padded = not (isinstance(first, torch.Tensor) and first.dim() == 0)
+        else:
+            padded = True
+        adv = (
+            td.get(key, None, as_padded_tensor=True, padding_side="left", padding_value=0.0)
+            if padded
+            else td.get(key)
+        )
         if adv is None:
             raise ValueError(f"RecipeLoss: missing key {key!r} (advantages, e.g. from MCAdvantage)")
         adv = adv.detach()

@@ -266,3 +266,27 @@ def test_errors_name_the_problem(rollout):
         loss(batch.exclude("advantage"))
     with pytest.raises(ValueError, match="ref_log_probs"):
         RecipeLoss(_scorer(model, tok), gc.grpo(kl_coef=0.1))(batch.exclude("next"))
+
+
+@pytest.mark.parametrize("layout", ["dense", "lazy-stack"])
+@pytest.mark.parametrize("shape", ["[N]", "[N, 1]"])
+def test_sequence_advantages_of_shape_n_are_accepted(rollout, shape, layout):
+    """docs/integrations/torchrl.md lists [N], [N, 1] and [N, 1, 1] as accepted: each gives the
+    loss and gradients of the [N, 1, 1] advantages MCAdvantage writes, on a dense batch and on a
+    lazy stack of samples (as torchrl stacks trajectories). Issue 13: [N] on a lazy stack crashed
+    in tensordict with "ArrayRef: invalid slice, N = 1; size = 0"."""
+    model, batch = rollout["model"], rollout["batch"]
+    n = batch.shape[0]
+    assert batch["advantage"].shape == (n, 1, 1)  # MCAdvantage's layout, the reference
+    scorer = _scorer(model, rollout["tokenizer"])
+    ref = RecipeLoss(scorer, gc.gspo())(batch)["loss_objective"]
+    other = batch.copy()
+    flat = batch["advantage"].reshape(n)
+    other["seq_advantage"] = flat if shape == "[N]" else flat.unsqueeze(-1)
+    if layout == "lazy-stack":
+        other = tensordict.lazy_stack(list(other.unbind(0)))
+    loss = RecipeLoss(scorer, gc.gspo())
+    loss.set_keys(advantage="seq_advantage")
+    out = loss(other)["loss_objective"]
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    _assert_grads_close(_grads(out, model), _grads(ref, model), rtol=0, atol=0)
