@@ -105,25 +105,141 @@ def response_log_probs(
     backend: str = "auto",
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """ℓ_{i,t} [N, T] (float32, 0 at padding) of ``response_ids`` under ``model`` (see module doc)."""
-    where = "response_log_probs"
-    temperature = check_range(where, "temperature", temperature, 0.0, None, low_inclusive=False)
-    response_mask = check_mask(where, "response_mask", response_mask)
-    prompt_mask = check_mask(where, "prompt_mask", prompt_mask)
+    """ℓ_{i,t} [N, T] (float32, 0 at padding) of ``response_ids`` under ``model`` (see module doc).
+
+    For plain-tensor users: the inputs are the prompt and the response as two right-padded id
+    tensors with their masks (valid tokens first, then padding; a row's valid tokens must be a
+    prefix of it). ``model.generate`` returns ``[prompt | response]`` in one tensor; split it at the
+    prompt width P and build the response mask from the first EOS (see docs/rollouts.md). The
+    prompt must be right-padded too (``tokenizer.padding_side = "right"``), which is not what
+    ``generate`` wants for decoder-only models: re-pad it, or use the samplers, which do.
+
+    Raises ``ValueError`` (naming the argument) for: shapes that do not match, a mask with values
+    other than 0/1, a mask that is not right-padded (left padding, or a hole in the middle), a row
+    without prompt tokens, token ids outside ``[0, vocab_size)`` at valid positions, and tensors
+    or a model on the meta device.
+    """
+    return _response_log_probs(
+        model,
+        prompt_ids,
+        prompt_mask,
+        response_ids,
+        response_mask,
+        temperature=temperature,
+        fused=fused,
+        chunk_size=chunk_size,
+        backend=backend,
+        return_entropy=return_entropy,
+        where="response_log_probs",
+        names=_ARG_NAMES,
+    )
+
+
+_ARG_NAMES = {n: n for n in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
+
+
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and hasattr(emb, "num_embeddings"):
+        return int(emb.num_embeddings)
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if isinstance(size, int) else None
+
+
+def _check_inputs(
+    where: str,
+    names: Mapping[str, object],
+    model: torch.nn.Module,
+    prompt_ids: object,
+    prompt_mask: object,
+    response_ids: object,
+    response_mask: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the four inputs (see :func:`response_log_probs`); return the two masks as bool."""
+    tensors = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+               "response_mask": response_mask}  # fmt: skip
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}: {names[name]!r} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type == "meta":
+            raise ValueError(
+                f"{where}: {names[name]!r} is on the meta device (a tensor without data); scoring "
+                "needs real tensors on the model's device"
+            )
+    param = next(iter(model.parameters()), None)
+    if param is not None and param.device.type == "meta":
+        raise ValueError(
+            f"{where}: the model's parameters are on the meta device (no data); load or materialise "
+            "the weights first (e.g. model.to_empty(device=...) and load a state dict)"
+        )
+    assert isinstance(prompt_ids, torch.Tensor) and isinstance(response_ids, torch.Tensor)
+    for name, ids in (("prompt_ids", prompt_ids), ("response_ids", response_ids)):
+        if ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{where}: {names[name]!r} must hold integer token ids, got {ids.dtype}")
+    response_mask = check_mask(where, str(names["response_mask"]), response_mask)
+    prompt_mask = check_mask(where, str(names["prompt_mask"]), prompt_mask)
     if prompt_ids.shape != prompt_mask.shape or response_ids.shape != response_mask.shape:
         raise ValueError(
-            f"{where}: ids and masks must match: prompt_ids {list(prompt_ids.shape)} vs prompt_mask "
-            f"{list(prompt_mask.shape)}, response_ids {list(response_ids.shape)} vs response_mask "
-            f"{list(response_mask.shape)}"
+            f"{where}: ids and masks must match: {names['prompt_ids']!r} {list(prompt_ids.shape)} vs "
+            f"{names['prompt_mask']!r} {list(prompt_mask.shape)}, {names['response_ids']!r} "
+            f"{list(response_ids.shape)} vs {names['response_mask']!r} {list(response_mask.shape)}"
         )
     if prompt_ids.shape[0] != response_ids.shape[0]:
         raise ValueError(
-            f"{where}: prompt_ids has {prompt_ids.shape[0]} rows but response_ids has {response_ids.shape[0]}"
+            f"{where}: {names['prompt_ids']!r} has {prompt_ids.shape[0]} rows but "
+            f"{names['response_ids']!r} has {response_ids.shape[0]}"
         )
     if bool((prompt_mask.sum(-1) == 0).any()):
         raise ValueError(
-            f"{where}: every row needs at least one prompt token ('prompt_mask' has an empty row)"
+            f"{where}: every row needs at least one prompt token ({names['prompt_mask']!r} has an empty row)"
         )
+    for name, mask in (("prompt_mask", prompt_mask), ("response_mask", response_mask)):
+        # Right-padded: each row's valid tokens are a prefix of it (no left padding, no holes).
+        prefix = torch.arange(mask.shape[1], device=mask.device) < mask.sum(-1, keepdim=True)
+        bad = (mask != prefix).any(-1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{where}: {names[name]!r} must be right-padded (each row's valid tokens first, then "
+                f"padding; no left padding and no holes), got row {row} = "
+                f"{mask[row].int().tolist()}"
+            )
+    vocab = _vocab_size(model)
+    if vocab is not None:
+        for name, ids, mask in (
+            ("prompt_ids", prompt_ids, prompt_mask),
+            ("response_ids", response_ids, response_mask),
+        ):
+            out = mask & ((ids < 0) | (ids >= vocab))
+            if bool(out.any()):
+                row, col = (int(i) for i in out.nonzero()[0])
+                raise ValueError(
+                    f"{where}: {names[name]!r} must hold token ids in [0, {vocab}) (the model's "
+                    f"vocabulary) at valid positions, got {int(ids[row, col])} at row {row}, "
+                    f"column {col} ({int(out.sum())} such ids)"
+                )
+    return prompt_mask, response_mask
+
+
+def _response_log_probs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float,
+    fused: bool,
+    chunk_size: int | None,
+    backend: str,
+    return_entropy: bool,
+    where: str,
+    names: Mapping[str, object],
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    temperature = check_range(where, "temperature", temperature, 0.0, None, low_inclusive=False)
+    prompt_mask, response_mask = _check_inputs(
+        where, names, model, prompt_ids, prompt_mask, response_ids, response_mask
+    )
     input_ids, attention, position_ids, predict_pos = _layout(
         prompt_ids, prompt_mask, response_ids, response_mask
     )
@@ -228,7 +344,7 @@ class Scorer(KeyedModule):
         prompt_mask, response_mask = self._read(td, "prompt_mask"), self._read(td, "response_mask")
 
         def run() -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-            return response_log_probs(
+            return _response_log_probs(
                 self.model,
                 self._read(td, "prompt_ids"),
                 prompt_mask,
@@ -239,6 +355,8 @@ class Scorer(KeyedModule):
                 chunk_size=self.chunk_size,
                 backend=self.backend,
                 return_entropy=self.return_entropy,
+                where="Scorer",
+                names=self._in_map,
             )
 
         routing = None
