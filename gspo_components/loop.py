@@ -23,28 +23,45 @@ For MoE policies the loop logs ``routing_volatility`` and ``tokens_rerouted`` pe
 over the step's minibatches), measured in the π_θ forwards with or without replay.
 
 It logs reward, accuracy, the gradient norm before clipping (``grad_norm``, mean over the
-minibatches), clip fractions, KL, ratio statistics and tokens/s to a JSON-lines file
-and a progress bar, and saves / resumes checkpoints (policy, optimizer, learning-rate scheduler,
-sampler state, step, history, RNG). An optional ``lr_scheduler`` is stepped once per RL step,
+minibatches), clip fractions, KL, entropy, ratio statistics, ``skipped_updates`` and tokens/s
+through its loggers (:mod:`gspo_components.metrics_log`: JSON lines for ``log_path``, or any
+object passed as ``logger=``) and a progress bar, and saves / resumes checkpoints (policy,
+optimizer, learning-rate scheduler, sampler state, step, history, RNG; see
+:mod:`gspo_components.checkpoint`). An optional ``lr_scheduler`` is stepped once per RL step,
 after the updates. The sampler's state (its seed generator, when the sampler has
 ``state_dict``/``load_state_dict``) is checkpointed too, so a resume with a sampler rebuilt
 with the same ``seed`` draws the same samples as an uninterrupted run.
+
+Faults:
+
+- a minibatch whose loss or gradient norm is not finite makes no optimizer step (its gradients
+  are dropped); the step's ``skipped_updates`` counts such minibatches, and its ``grad_norm``
+  shows the non-finite norm;
+- with ``checkpoint_dir``, a checkpoint is written every ``checkpoint_every`` steps (0: never in
+  between), at the end of the run, and on ``KeyboardInterrupt`` (the state of the last completed
+  step, when the interrupted step has not yet updated the weights);
+- a resume refuses a checkpoint of another recipe, ``steps`` below the checkpoint's step, and a
+  learning-rate scheduler present on one side only; the loggers drop what was logged after the
+  checkpoint's step, so no step is logged twice.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from tensordict import NonTensorStack, TensorDictBase
+from tensordict import NestedKey, NonTensorStack, TensorDictBase
 
+from ._checks import check_mask
 from ._module import key_of
+from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .metrics_log import JSONLinesLogger, MetricsLogger, check_logger
 from .moe import RoutingReplay, routing_mask, routing_metrics
 from .recipes import Recipe
 from .scoring import Scorer
@@ -71,6 +88,30 @@ class PromptBatch:
 
 @dataclass
 class RLConfig:
+    """Settings of :func:`train` (checked when ``train`` starts; bad values are ``ValueError``).
+
+    Attributes:
+        steps: RL steps to run in all (a resumed run continues to this step); ``>= 0``.
+        minibatches: optimizer steps per epoch over each rollout batch; ``>= 1``.
+        epochs: passes (μ) over each rollout batch; ``>= 1``.
+        temperature: τ, the sampler's temperature; it must equal ``sampler.temperature`` when the
+            sampler has one. Finite, ``> 0``.
+        max_grad_norm: clip the gradient norm to this (``None``: no clipping); finite, ``> 0``.
+        old_from_rollout: take π_old from the sampler's ``rollout_log_probs`` instead of a
+            forward of the policy.
+        accuracy_key: the key the ``accuracy`` metric reads (``None``: no accuracy).
+        accuracy_threshold: ``accuracy`` = fraction of scored samples with value ``>= threshold``.
+            ``None`` (default): logged only on steps where every scored value is 0 or 1 (the
+            fraction of 1s), since a threshold on fractional rewards means nothing by default.
+        checkpoint_dir: where checkpoints are written and resumed from (``None``: none).
+        checkpoint_every: also write one every this many steps (0: only at the end and on
+            ``KeyboardInterrupt``); ``>= 0``.
+        log_path: a JSON-lines metrics file (its folder is created).
+        progress: show a tqdm progress bar.
+        seed: ``torch.manual_seed`` at the start of a fresh run.
+        routing_replay: ``None``, ``"R2"`` or ``"R3"`` (mixture-of-experts policies, docs/moe.md).
+    """
+
     steps: int
     minibatches: int = 4
     epochs: int = 1
@@ -78,13 +119,58 @@ class RLConfig:
     max_grad_norm: float | None = 1.0
     old_from_rollout: bool = False
     accuracy_key: str | tuple[str, ...] | None = "rewards"
-    accuracy_threshold: float = 0.5
+    accuracy_threshold: float | None = None
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 0
     log_path: Path | None = None
     progress: bool = True
     seed: int = 0
     routing_replay: Literal["R2", "R3"] | None = None
+
+    def __post_init__(self) -> None:
+        _check_config(self)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_config(c: RLConfig) -> None:
+    def need(ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            value = getattr(c, name)
+            raise ValueError(f"RLConfig: {name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+    need(_is_int(c.steps) and c.steps >= 0, "steps", "an int >= 0")
+    need(_is_int(c.minibatches) and c.minibatches >= 1, "minibatches", "an int >= 1")
+    need(_is_int(c.epochs) and c.epochs >= 1, "epochs", "an int >= 1")
+    need(_is_real(c.temperature) and c.temperature > 0, "temperature", "a finite number > 0")
+    need(
+        c.max_grad_norm is None or (_is_real(c.max_grad_norm) and c.max_grad_norm > 0),
+        "max_grad_norm",
+        "None or a finite number > 0",
+    )
+    need(isinstance(c.old_from_rollout, bool), "old_from_rollout", "a bool")
+    need(
+        c.accuracy_key is None
+        or isinstance(c.accuracy_key, str)
+        or (isinstance(c.accuracy_key, tuple) and all(isinstance(k, str) for k in c.accuracy_key)),
+        "accuracy_key",
+        "None, a str or a tuple of str",
+    )
+    need(c.accuracy_threshold is None or _is_real(c.accuracy_threshold), "accuracy_threshold",
+         "None or a finite number")  # fmt: skip
+    need(c.checkpoint_dir is None or isinstance(c.checkpoint_dir, (str, Path)), "checkpoint_dir",
+         "None or a path")  # fmt: skip
+    need(_is_int(c.checkpoint_every) and c.checkpoint_every >= 0, "checkpoint_every", "an int >= 0")
+    need(c.log_path is None or isinstance(c.log_path, (str, Path)), "log_path", "None or a path")
+    need(isinstance(c.progress, bool), "progress", "a bool")
+    need(_is_int(c.seed), "seed", "an int")
+    need(c.routing_replay in (None, "R2", "R3"), "routing_replay", "None, 'R2' or 'R3'")
 
 
 def _attach(td: TensorDictBase, fields: dict[str, list[Any]], repeat: int) -> None:
@@ -104,30 +190,61 @@ def _mean(values: list[float]) -> float:
 LRScheduler = torch.optim.lr_scheduler.LRScheduler
 
 
+def _device_of(module: torch.nn.Module) -> torch.device:
+    param = next(iter(module.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(state: Any) -> None:
+    if isinstance(state, torch.Tensor):  # checkpoints written before the CUDA state was kept
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sampler_state(sampler: Sampler) -> Any:
+    return sampler.state_dict() if hasattr(sampler, "state_dict") else None  # type: ignore[attr-defined]
+
+
+_FINITE = ("policy", "optimizer")
+
+
 def _save(
     path: Path,
     policy: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: LRScheduler | None,
-    sampler: Sampler,
+    recipe_name: str,
     step: int,
     history: list,
+    sampler_state: Any,
+    rng: dict[str, Any],
 ) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "checkpoint.pt.tmp"
-    torch.save(
+    """Checkpoint of the end of ``step``: ``sampler_state`` and ``rng`` were taken then."""
+    save_checkpoint(
+        path,
         {
             "policy": policy.state_dict(),
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
-            "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None,
+            "sampler": sampler_state,
+            "recipe": recipe_name,
             "step": step,
             "history": history,
-            "rng": torch.get_rng_state(),
+            "rng": rng,
         },
-        tmp,
+        step=step,
+        finite=_FINITE,
     )
-    tmp.replace(path / "checkpoint.pt")
 
 
 def _load(
@@ -136,20 +253,32 @@ def _load(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: LRScheduler | None,
     sampler: Sampler,
+    recipe_name: str,
+    steps: int,
 ) -> tuple[int, list]:
-    ckpt = torch.load(path / "checkpoint.pt", weights_only=False)
+    ckpt = load_checkpoint(path, finite=_FINITE)
+    where = f"train: checkpoint in {path}"
+    saved_recipe = ckpt.get("recipe")
+    if saved_recipe is not None and saved_recipe != recipe_name:
+        raise ValueError(f"{where} is of recipe {saved_recipe!r}, but train() was given {recipe_name!r}")
+    step = int(ckpt["step"])
+    if steps < step:
+        raise ValueError(
+            f"{where} is at step {step}, beyond RLConfig.steps = {steps}; set steps >= {step} to "
+            "continue, or use another checkpoint_dir"
+        )
+    saved_scheduler = ckpt.get("lr_scheduler")
+    if (lr_scheduler is None) != (saved_scheduler is None):
+        has, given = ("has", "was not given one") if lr_scheduler is None else ("has no", "was given one")
+        raise ValueError(f"{where} {has} lr_scheduler state, but train() {given}")
     policy.load_state_dict(ckpt["policy"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if lr_scheduler is not None:
-        if ckpt.get("lr_scheduler") is None:
-            raise ValueError(
-                f"checkpoint {path / 'checkpoint.pt'} has no lr_scheduler state, but train() was given one"
-            )
-        lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        lr_scheduler.load_state_dict(saved_scheduler)
     if ckpt.get("sampler") is not None and hasattr(sampler, "load_state_dict"):
-        sampler.load_state_dict(ckpt["sampler"])
-    torch.set_rng_state(ckpt["rng"])
-    return int(ckpt["step"]), list(ckpt["history"])
+        sampler.load_state_dict(ckpt["sampler"])  # type: ignore[attr-defined]
+    _set_rng_state(ckpt["rng"])
+    return step, list(ckpt["history"])
 
 
 @dataclass(frozen=True)
@@ -187,6 +316,59 @@ def _routing_modes(policy: torch.nn.Module, config: RLConfig) -> _RoutingModes:
     return _RoutingModes("record", "replay" if mode == "R2" else "compare", False)
 
 
+def _check_start(
+    policy: torch.nn.Module,
+    sampler: Sampler,
+    recipe: Recipe,
+    config: RLConfig,
+    samples_per_prompt: object,
+    reference: torch.nn.Module | None,
+) -> tuple[bool, NestedKey]:
+    """The checks ``train`` makes before its first step; returns (needs entropy, reference key)."""
+    _check_config(config)
+    if not _is_int(samples_per_prompt) or samples_per_prompt < 1:  # type: ignore[operator]
+        raise ValueError(f"train: samples_per_prompt must be an int >= 1, got {samples_per_prompt!r}")
+    n = getattr(sampler, "n", None)
+    if _is_int(n) and n != samples_per_prompt:
+        raise ValueError(
+            f"train: samples_per_prompt={samples_per_prompt} but the sampler draws n={n} samples per "
+            "prompt; they must be equal (the groups of the advantage are samples_per_prompt rows)"
+        )
+    tau = getattr(sampler, "temperature", None)
+    if _is_real(tau) and float(tau) != float(config.temperature):  # type: ignore[arg-type]
+        raise ValueError(
+            f"train: the sampler's temperature is {tau} but RLConfig.temperature is "
+            f"{config.temperature}; they must be equal (π_old and π_θ must score the distribution "
+            "the samples were drawn from)"
+        )
+    objective = getattr(recipe.loss, "objective", None)
+    kl_coef = float(getattr(objective, "kl_coef", 0.0) or 0.0)
+    entropy_coef = float(getattr(objective, "entropy_coef", 0.0) or 0.0)
+    ref_key = key_of(recipe.loss, "ref_log_probs")
+    if kl_coef > 0 and reference is None:
+        raise ValueError(
+            f"train: recipe {recipe.name!r} has a KL term (kl_coef={kl_coef}), which needs "
+            f"{ref_key!r}: pass reference= (a frozen copy of the initial policy)"
+        )
+    if reference is not None and _device_of(reference) != _device_of(policy):
+        raise ValueError(
+            f"train: reference is on {_device_of(reference)} but the policy is on {_device_of(policy)}; "
+            "put both on the same device"
+        )
+    return entropy_coef != 0, ref_key
+
+
+def _accuracy(values: torch.Tensor, threshold: float | None) -> float | None:
+    """Fraction of ``values`` >= ``threshold``; with ``None``, of 1s when all are 0 or 1, else None."""
+    if values.numel() == 0:
+        return float("nan")
+    if threshold is None:
+        if not bool(((values == 0) | (values == 1)).all()):
+            return None
+        return float((values == 1).float().mean())
+    return float((values >= threshold).float().mean())
+
+
 def train(
     policy: torch.nn.Module,
     sampler: Sampler,
@@ -200,17 +382,43 @@ def train(
     on_step: Callable[[int, dict[str, float]], dict[str, float] | None] | None = None,
     reference: torch.nn.Module | None = None,
     lr_scheduler: LRScheduler | None = None,
+    logger: MetricsLogger | None = None,
 ) -> list[dict[str, float]]:
     """Run ``config.steps`` RL steps; return the per-step metrics (also resumed history).
 
     ``on_step(step, metrics)`` may return extra metrics (e.g. a held-out evaluation) to log.
-    ``reference`` is scored into ``ref_log_probs`` when the recipe uses a KL term.
-    ``lr_scheduler`` (any ``torch.optim.lr_scheduler``) is stepped once per RL step; the learning
-    rate used by the step is logged as ``lr``.
+    ``reference`` is scored into ``ref_log_probs`` when the recipe uses a KL term (then it is
+    required). ``lr_scheduler`` (any ``torch.optim.lr_scheduler``) is stepped once per RL step;
+    the learning rate used by the step is logged as ``lr``. ``logger`` (any object with
+    ``start``/``log``/``close``, :mod:`gspo_components.metrics_log`) receives each step's
+    metrics, besides the JSON-lines file of ``config.log_path``.
+
+    The rollout is moved to the policy's device. The reward function must write ``rewards``
+    [N]; ``reward_valid`` [N] bool is optional (all valid when absent). Float or integer 0/1
+    masks from the sampler are accepted.
     """
+    needs_entropy, ref_key = _check_start(policy, sampler, recipe, config, samples_per_prompt, reference)
+    loggers: list[MetricsLogger] = []
+    if config.log_path is not None:
+        loggers.append(JSONLinesLogger(config.log_path))
+    if logger is not None:
+        loggers.append(check_logger("train", "logger", logger))
+    device = _device_of(policy)
     routing = _routing_modes(policy, config)
-    scorer = Scorer(policy, temperature=config.temperature, routing=routing.policy)
-    plain_scorer = Scorer(policy, temperature=config.temperature) if routing.policy == "compare" else scorer
+    entropy_key = key_of(recipe.loss, "entropy")
+    entropy_out = {"entropy": entropy_key} if needs_entropy else None
+    scorer = Scorer(
+        policy,
+        temperature=config.temperature,
+        routing=routing.policy,
+        return_entropy=needs_entropy,
+        out_keys=entropy_out,
+    )
+    plain_scorer = (
+        Scorer(policy, temperature=config.temperature, return_entropy=needs_entropy, out_keys=entropy_out)
+        if routing.policy == "compare"
+        else scorer
+    )
     loss_key = key_of(recipe.loss, "loss", output=True)
     # Each logged loss metric: (canonical name, the key the recipe writes it to, its reduction
     # over the step's minibatches).
@@ -227,33 +435,67 @@ def train(
         policy, temperature=config.temperature, out_key="old_log_probs", grad=False, routing=routing.old
     )
     ref_scorer = (
-        Scorer(reference, temperature=config.temperature, out_key="ref_log_probs", grad=False)
+        Scorer(reference, temperature=config.temperature, out_key=ref_key, grad=False)
         if reference is not None
         else None
     )
     start, history = 0, []
-    ckpt_dir = config.checkpoint_dir
-    if ckpt_dir is not None and (ckpt_dir / "checkpoint.pt").exists():
-        start, history = _load(ckpt_dir, policy, optimizer, lr_scheduler, sampler)
+    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+    if ckpt_dir is not None and has_checkpoint(ckpt_dir):
+        start, history = _load(ckpt_dir, policy, optimizer, lr_scheduler, sampler, recipe.name, config.steps)
         sampler.sync_weights(policy)
     if start == 0:
         torch.manual_seed(config.seed)  # on resume, the checkpoint's RNG state continues instead
+    # The state of the end of the last completed step, for a save after it (KeyboardInterrupt).
+    saved_step, done_step = start, start
+    done_rng, done_sampler = _rng_state(), _sampler_state(sampler)
+    updating = False  # True from the first optimizer step of a step until that step completes
+
+    def save() -> None:
+        nonlocal saved_step
+        if ckpt_dir is not None and done_step > saved_step:
+            _save(ckpt_dir, policy, optimizer, lr_scheduler, recipe.name, done_step, history,
+                  done_sampler, done_rng)  # fmt: skip
+            saved_step = done_step
+
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc=recipe.name, dynamic_ncols=True)
-    log = open(config.log_path, "a") if config.log_path is not None else None
+    started: list[MetricsLogger] = []
     try:
+        for lg in loggers:
+            lg.start(start)
+            started.append(lg)
         for step in range(start, config.steps):
             t0 = time.perf_counter()
             batch = next_prompts(step)
             td = sampler(batch.prompts)
             t_sample = time.perf_counter() - t0
+            expected = len(batch.prompts) * samples_per_prompt
+            if td.batch_dims != 1 or td.shape[0] != expected:
+                raise ValueError(
+                    f"train: the sampler returned a batch of shape {list(td.shape)} for "
+                    f"{len(batch.prompts)} prompts; with samples_per_prompt={samples_per_prompt} it must "
+                    f"be [{expected}] (prompt-major: the samples of a prompt are consecutive rows)"
+                )
             _attach(td, batch.fields, samples_per_prompt)
             td = reward_fn(td)
-            valid = td["reward_valid"]
-            td["response_mask"] = td["response_mask"] & valid.unsqueeze(-1)
+            if "rewards" not in td.keys():
+                raise ValueError(f"train: the reward function {type(reward_fn).__name__} wrote no 'rewards'")
+            if "reward_valid" in td.keys():
+                valid = _check_valid(td["reward_valid"], "reward_valid", expected)
+            else:
+                valid = torch.ones(expected, dtype=torch.bool, device=td["rewards"].device)
+            td = td.to(device)
+            valid = valid.to(device)
+            td["reward_valid"] = valid
+            td["response_mask"] = check_mask("train", "response_mask", td["response_mask"]) & valid.unsqueeze(
+                -1
+            )
+            if "prompt_mask" in td.keys():
+                td["prompt_mask"] = check_mask("train", "prompt_mask", td["prompt_mask"])
             td = recipe.advantage(td)
             if routing.needs_rollout_routing and "routed_experts" not in td.keys():
                 raise ValueError(
@@ -270,6 +512,7 @@ def train(
             outputs: list[TensorDictBase] = []
             routing_values: list[dict[str, torch.Tensor]] = []
             grad_norms: list[float] = []
+            skipped = 0
             # Without a routing to compare against (no π_old record, no rollout routing): no metrics.
             step_scorer = (
                 scorer if routing.policy != "compare" or "routed_experts" in td.keys() else plain_scorer
@@ -279,7 +522,7 @@ def train(
             for _ in range(config.epochs):
                 order = torch.randperm(td.shape[0])
                 for chunk in order.chunk(config.minibatches):
-                    mb = td[chunk]
+                    mb = td[chunk.to(device)]
                     if not bool(mb["response_mask"].any()):
                         continue
                     mb = step_scorer(mb)
@@ -290,15 +533,25 @@ def train(
                             )
                         )
                     out = recipe.loss(mb)
+                    outputs.append(out.detach())
                     optimizer.zero_grad(set_to_none=True)
-                    out[loss_key].backward()
+                    loss = out[loss_key]
+                    if not bool(torch.isfinite(loss.detach()).all()):
+                        skipped += 1  # no backward: nothing of this minibatch reaches the weights
+                        continue
+                    loss.backward()
                     grad_norm = torch.nn.utils.clip_grad_norm_(
                         policy.parameters(),
                         config.max_grad_norm if config.max_grad_norm is not None else float("inf"),
                     )
                     grad_norms.append(float(grad_norm))
+                    if not math.isfinite(float(grad_norm)):
+                        optimizer.zero_grad(set_to_none=True)
+                        skipped += 1
+                        continue
+                    updating = True
                     optimizer.step()
-                    outputs.append(out.detach())
+            optimizer.zero_grad(set_to_none=True)
             if lr_scheduler is not None:
                 lr_scheduler.step()
             policy.eval()
@@ -315,10 +568,12 @@ def train(
                 "sample_tokens_per_s": tokens / max(t_sample, 1e-9),
                 "seconds": elapsed,
                 "lr": lr,
+                "skipped_updates": float(skipped),
             }
             if config.accuracy_key is not None:
-                acc_src = td.get(config.accuracy_key).float()
-                metrics["accuracy"] = float((acc_src[valid] >= config.accuracy_threshold).float().mean())
+                acc = _accuracy(td.get(config.accuracy_key).float()[valid], config.accuracy_threshold)
+                if acc is not None:
+                    metrics["accuracy"] = acc
             for name, key, reduce in logged:
                 values = [float(o[key]) for o in outputs if key in o.keys(include_nested=True)]
                 if values:
@@ -333,21 +588,42 @@ def train(
                 if extra:
                     metrics.update(extra)
             history.append(metrics)
-            if log is not None:
-                log.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                      for k, v in metrics.items()}) + "\n")  # fmt: skip
-                log.flush()
+            done_step, updating = step + 1, False
+            done_rng, done_sampler = _rng_state(), _sampler_state(sampler)
+            for lg in loggers:
+                lg.log(step + 1, metrics)
             if bar is not None:
                 shown = {
                     k: f"{metrics[k]:.3g}" for k in ("reward", "accuracy", "clip_fraction") if k in metrics
                 }
                 bar.set_postfix(shown)
                 bar.update(1)
-            if ckpt_dir is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                _save(ckpt_dir, policy, optimizer, lr_scheduler, sampler, step + 1, history)
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                save()
+        save()  # the end of the run
+    except KeyboardInterrupt:
+        if ckpt_dir is not None and done_step > saved_step:
+            if updating:
+                warnings.warn(
+                    f"train: interrupted during step {done_step + 1} after it had updated the weights; "
+                    f"they match no step, so the last checkpoint (step {saved_step}) is kept",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            else:
+                save()
+        raise
     finally:
         if bar is not None:
             bar.close()
-        if log is not None:
-            log.close()
+        for lg in started:
+            lg.close()
     return history
+
+
+def _check_valid(values: object, name: str, n: int) -> torch.Tensor:
+    """A [n] bool (or 0/1) tensor as bool."""
+    if not isinstance(values, torch.Tensor) or values.shape != (n,):
+        got = list(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"train: {name!r} must be a tensor of shape [{n}], got {got}")
+    return check_mask("train", name, values.unsqueeze(-1)).squeeze(-1)

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -285,6 +286,12 @@ def path_sampler(model_dir: Path) -> TransformersSampler:
     return TransformersSampler(str(model_dir), n=GROUP, max_tokens=MAX_TOKENS, seed=0, dtype="float32")
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The step of the checkpoint in ``folder``, read from the state file its manifest names."""
+    manifest = json.loads((folder / "checkpoint.json").read_text())
+    return int(torch.load(folder / manifest["file"], weights_only=True)["step"])
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     state = optimizer.state_dict()["state"]
     return [v for i in sorted(state) for _, v in sorted(state[i].items()) if isinstance(v, torch.Tensor)]
@@ -304,7 +311,7 @@ def test_resume_from_checkpoint_is_identical(model_dir: Path, tmp_path: Path, sa
     sampler_b = path_sampler(model_dir) if seeded else None
     _, _, history_b2 = run_resumable(model_dir, tmp_path / "b", 2, sampler_b, tmp_path / "b.jsonl")
     assert len(history_b2) == 2
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert checkpoint_step(tmp_path / "b") == 2
     torch.manual_seed(987654321)  # a new process: whatever global RNG state; the checkpoint restores it
     if sampling == "seeded-sampler-rebuilt":
         # ... and a new sampler with the same seed, whose seed generator starts over; the
@@ -313,8 +320,8 @@ def test_resume_from_checkpoint_is_identical(model_dir: Path, tmp_path: Path, sa
     policy_b, opt_b, history_b = run_resumable(model_dir, tmp_path / "b", 3, sampler_b, tmp_path / "b.jsonl")
 
     assert len(history_a) == len(history_b) == 3
-    assert torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["step"] == 3
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert checkpoint_step(tmp_path / "a") == 3
+    assert checkpoint_step(tmp_path / "b") == 3
     # The resumed history starts with the checkpoint's two steps.
     assert history_b[:2] == history_b2
     # One JSON line per step, across the restart too.
@@ -483,3 +490,467 @@ def test_warmup_model_is_a_fair_starting_point(model_dir: Path) -> None:
     accuracy = float(td["rewards"].mean())
     assert 0.0 < accuracy < 1.0, accuracy
     assert all(set(t) <= set("0123456789") for t in td["response_text"]), list(td["response_text"])
+
+
+# --------------------------------------------------------------------------------------------
+# issue 13: checkpoints (security, integrity, crashes), resume checks, logs, faults, start checks
+
+
+class Mkdir:
+    """A pickle that creates a directory when unpickled (the attack of a crafted checkpoint)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return (os.mkdir, (self.target,))
+
+
+def run_steps(
+    model_dir: Path,
+    steps: int,
+    *,
+    recipe: Recipe | None = None,
+    lr_scheduler: bool = True,
+    policy: torch.nn.Module | None = None,
+    **cfg: Any,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[dict[str, float]]]:
+    """``steps`` of ``gspo()`` (by default) with a fresh policy, optimizer, decaying schedule and
+    global-RNG sampler (a resume rebuilds them all, as a new process would)."""
+    policy = policy if policy is not None else load_model(model_dir)
+    optimizer = make_optimizer(policy)
+    scheduler = (
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + step))
+        if lr_scheduler
+        else None
+    )
+    prompts = cfg.pop("next_prompts", next_prompts)
+    logger = cfg.pop("logger", None)
+    history = train(
+        policy,
+        policy_sampler(policy, model_dir, seed=None),
+        MathAnswerReward(),
+        recipe if recipe is not None else gc.gspo(),
+        optimizer,
+        prompts,
+        config(steps, **cfg),
+        samples_per_prompt=GROUP,
+        lr_scheduler=scheduler,
+        logger=logger,
+    )
+    return policy, optimizer, history
+
+
+@pytest.fixture(scope="module")
+def one_step_checkpoint(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the checkpoint of a 1-step run (checkpoint_every=0: written at the end)."""
+    folder = tmp_path_factory.mktemp("ckpt1")
+    torch.manual_seed(0)
+    run_steps(model_dir, 1, checkpoint_dir=folder)
+    assert checkpoint_step(folder) == 1
+    return folder
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def state_file(folder: Path) -> Path:
+    return folder / json.loads((folder / "checkpoint.json").read_text())["file"]
+
+
+def write_manifest(folder: Path, name: str, step: int) -> None:
+    """A manifest naming ``name`` with its true size and SHA-256 (as an attacker could write)."""
+    import hashlib
+
+    data = (folder / name).read_bytes()
+    manifest = {"format": 1, "file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "step": step}  # fmt: skip
+    (folder / "checkpoint.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("layout", ["manifest", "legacy-checkpoint.pt"])
+def test_crafted_checkpoint_runs_no_code(model_dir: Path, tmp_path: Path, layout: str) -> None:
+    """issue 13: a crafted checkpoint whose __reduce__ calls os.mkdir created its directory on
+    resume (torch.load(weights_only=False)). It is now refused, and nothing runs."""
+    target = tmp_path / "pwned"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    name = "step-00000001.pt" if layout == "manifest" else "checkpoint.pt"
+    torch.save({"policy": Mkdir(str(target)), "step": 1}, folder / name)
+    if layout == "manifest":
+        write_manifest(folder, name, 1)
+    with pytest.raises(
+        ValueError, match=rf"checkpoint {folder / name} cannot be loaded with torch.load\(weights_only=True\)"
+    ):
+        run_steps(model_dir, 2, checkpoint_dir=folder)
+    assert not target.exists(), "the crafted pickle ran code"
+
+
+def test_corrupt_truncated_empty_and_non_finite_checkpoints_are_refused(
+    model_dir: Path, tmp_path: Path, one_step_checkpoint: Path
+) -> None:
+    # 16 bytes overwritten in the middle of the tensor data: the checksum catches it.
+    corrupt = copy_checkpoint(one_step_checkpoint, tmp_path / "corrupt")
+    data = bytearray(state_file(corrupt).read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 16] = bytes(16)
+    state_file(corrupt).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"checkpoint {state_file(corrupt)} is corrupt: its SHA-256 is"):
+        run_steps(model_dir, 2, checkpoint_dir=corrupt)
+
+    truncated = copy_checkpoint(one_step_checkpoint, tmp_path / "truncated")
+    size = state_file(truncated).stat().st_size
+    state_file(truncated).write_bytes(state_file(truncated).read_bytes()[: size // 2])
+    with pytest.raises(
+        ValueError,
+        match=rf"checkpoint {state_file(truncated)} is truncated: {size // 2} bytes, but the manifest records {size}",
+    ):
+        run_steps(model_dir, 2, checkpoint_dir=truncated)
+
+    empty = copy_checkpoint(one_step_checkpoint, tmp_path / "empty")
+    state_file(empty).write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"checkpoint {state_file(empty)} is empty \(0 bytes"):
+        run_steps(model_dir, 2, checkpoint_dir=empty)
+
+    # NaN weights in a file whose checksum matches (corrupted before it was hashed).
+    nan = copy_checkpoint(one_step_checkpoint, tmp_path / "nan")
+    state = torch.load(state_file(nan), weights_only=True)
+    first = next(iter(state["policy"]))
+    state["policy"][first] = torch.full_like(state["policy"][first], float("nan"))
+    torch.save(state, state_file(nan))
+    write_manifest(nan, state_file(nan).name, 1)
+    with pytest.raises(
+        ValueError,
+        match=rf"checkpoint {state_file(nan)} holds non-finite values in \[\"policy\['{first}'\]\"\]",
+    ):
+        run_steps(model_dir, 2, checkpoint_dir=nan)
+
+    # A manifest that is not JSON.
+    bad_manifest = copy_checkpoint(one_step_checkpoint, tmp_path / "bad_manifest")
+    (bad_manifest / "checkpoint.json").write_text('{"file": "step-0')
+    with pytest.raises(
+        ValueError, match=rf"checkpoint manifest {bad_manifest / 'checkpoint.json'} cannot be read"
+    ):
+        run_steps(model_dir, 2, checkpoint_dir=bad_manifest)
+
+
+def test_a_crash_during_a_save_keeps_the_previous_checkpoint(
+    model_dir: Path, tmp_path: Path, one_step_checkpoint: Path
+) -> None:
+    """The save of step 2 fails halfway through writing (the file-size limit is reached, a real
+    EFBIG from the kernel, as on a full disk): the step-1 checkpoint still loads, and a resume
+    from it runs."""
+    import resource
+    import signal
+
+    folder = copy_checkpoint(one_step_checkpoint, tmp_path / "ckpt")
+    before = state_file(folder).read_bytes()
+    limit = len(before) // 2  # the step-2 file has the same size: the write stops halfway
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+    try:
+        # torch reports the failed write as OSError (EFBIG) or, from its zip writer, RuntimeError.
+        with pytest.raises((OSError, RuntimeError)):
+            run_steps(model_dir, 2, checkpoint_dir=folder)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.json", "step-00000001.pt"]
+    assert state_file(folder).read_bytes() == before
+    _, _, history = run_steps(model_dir, 2, checkpoint_dir=folder)
+    assert [m["step"] for m in history] == [1.0, 2.0]
+    assert checkpoint_step(folder) == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.json", "step-00000002.pt"]
+
+
+def test_resume_with_another_setup_is_refused(
+    model_dir: Path, tmp_path: Path, one_step_checkpoint: Path
+) -> None:
+    folder = one_step_checkpoint
+    where = rf"train: checkpoint in {folder}"
+    with pytest.raises(ValueError, match=rf"{where} is of recipe 'gspo', but train\(\) was given 'grpo'"):
+        run_steps(model_dir, 2, checkpoint_dir=folder, recipe=gc.grpo())
+    with pytest.raises(ValueError, match=rf"{where} is at step 1, beyond RLConfig.steps = 0"):
+        run_steps(model_dir, 0, checkpoint_dir=folder)
+    with pytest.raises(ValueError, match=rf"{where} has lr_scheduler state, but train\(\) was not given one"):
+        run_steps(model_dir, 2, checkpoint_dir=folder, lr_scheduler=False)
+    no_scheduler = copy_checkpoint(folder, tmp_path / "no_scheduler")
+    state = torch.load(state_file(no_scheduler), weights_only=True)
+    state["lr_scheduler"] = None
+    torch.save(state, state_file(no_scheduler))
+    write_manifest(no_scheduler, state_file(no_scheduler).name, 1)
+    with pytest.raises(
+        ValueError,
+        match=rf"train: checkpoint in {no_scheduler} has no lr_scheduler state, but train\(\) was given one",
+    ):
+        run_steps(model_dir, 2, checkpoint_dir=no_scheduler)
+    assert checkpoint_step(folder) == 1  # nothing was run or written
+
+
+class Crash(Exception):
+    """A crash of the training process between two checkpoints."""
+
+
+def crashing_prompts(at: int, exc: type[BaseException]) -> Any:
+    def prompts(step: int) -> PromptBatch:
+        if step == at:
+            raise exc("stopped")
+        return next_prompts(step)
+
+    return prompts
+
+
+def scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_log_is_cut_back_to_the_checkpoint_on_resume(model_dir: Path, tmp_path: Path) -> None:
+    """issue 13: after a crash between checkpoints and a resume, metrics.jsonl held step 3 twice.
+    Both loggers (JSON lines in a folder that does not exist yet, and TensorBoard through
+    ``logger=``) end with steps 1..4 once each, equal to the returned history."""
+    pytest.importorskip("tensorboard", reason="TensorBoardLogger needs the tensorboard package")
+    from gspo_components.metrics_log import TensorBoardLogger
+
+    ckpt, log, tb = tmp_path / "ckpt", tmp_path / "new" / "dir" / "metrics.jsonl", tmp_path / "tb"
+    torch.manual_seed(0)
+    with pytest.raises(Crash):
+        run_steps(model_dir, 4, checkpoint_dir=ckpt, checkpoint_every=2, log_path=log,
+                  next_prompts=crashing_prompts(3, Crash), logger=TensorBoardLogger(tb))  # fmt: skip
+    assert [m["step"] for m in read_jsonl(log)] == [1, 2, 3]  # step 3 was logged, not checkpointed
+    assert checkpoint_step(ckpt) == 2
+    _, _, history = run_steps(model_dir, 4, checkpoint_dir=ckpt, checkpoint_every=2, log_path=log,
+                              logger=TensorBoardLogger(tb))  # fmt: skip
+    assert read_jsonl(log) == [as_logged(m) for m in history]
+    assert [m["step"] for m in history] == [1.0, 2.0, 3.0, 4.0]
+    assert scalars(tb, "reward") == [(i + 1, pytest.approx(m["reward"])) for i, m in enumerate(history)]
+
+
+def test_keyboard_interrupt_saves_and_the_resume_is_identical(model_dir: Path, tmp_path: Path) -> None:
+    """With checkpoint_every=0 a checkpoint is written at the end of the run and on
+    KeyboardInterrupt (issue 13: nothing was saved); the interrupted run, resumed, equals an
+    uninterrupted one."""
+    torch.manual_seed(0)
+    policy_a, _, history_a = run_steps(model_dir, 3, checkpoint_dir=tmp_path / "a")
+    assert checkpoint_step(tmp_path / "a") == 3
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        run_steps(
+            model_dir, 3, checkpoint_dir=tmp_path / "b", next_prompts=crashing_prompts(2, KeyboardInterrupt)
+        )
+    assert checkpoint_step(tmp_path / "b") == 2
+    torch.manual_seed(12345)  # a new process
+    policy_b, _, history_b = run_steps(model_dir, 3, checkpoint_dir=tmp_path / "b")
+    assert without_timings(history_b) == without_timings(history_a)
+    for (name, a), b in zip(policy_a.state_dict().items(), policy_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+class NonFiniteLoss(torch.nn.Module):
+    """The recipe's loss, made NaN on the ``nan_loss`` calls and given a NaN gradient (finite
+    loss: + 0·sqrt(w − w), whose derivative is 0·∞) on the ``nan_grad`` calls."""
+
+    def __init__(
+        self, inner: torch.nn.Module, weight: torch.nn.Parameter, nan_loss: set, nan_grad: set
+    ) -> None:
+        super().__init__()
+        self.inner, self.weight, self.nan_loss, self.nan_grad = inner, weight, nan_loss, nan_grad
+        self.calls = 0
+
+    def forward(self, mb: TensorDictBase) -> TensorDictBase:
+        out = self.inner(mb)
+        if self.calls in self.nan_loss:
+            out["loss"] = out["loss"] * float("nan")
+        if self.calls in self.nan_grad:
+            w = self.weight.sum()
+            out["loss"] = out["loss"] + 0.0 * torch.sqrt(w - w.detach())
+        self.calls += 1
+        return out
+
+
+def test_non_finite_loss_or_gradient_never_reaches_the_weights(model_dir: Path, tmp_path: Path) -> None:
+    """issue 13: a NaN loss in one minibatch stepped the optimizer and made every weight NaN,
+    and the NaN weights overwrote the last good checkpoint. Those minibatches are now skipped and
+    counted in ``skipped_updates``; the others update the weights."""
+    torch.manual_seed(0)
+    policy = load_model(model_dir)
+    before = snapshot(policy)
+    weight = policy.get_output_embeddings().weight
+    base = gc.gspo()
+    spy = NonFiniteLoss(base.loss, weight, nan_loss={0}, nan_grad={3})
+    recipe = dataclasses.replace(base, loss=spy)
+    optimizer = make_optimizer(policy)
+    history = train(
+        policy, policy_sampler(policy, model_dir, seed=0), MathAnswerReward(), recipe, optimizer, next_prompts,
+        config(2, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1), samples_per_prompt=GROUP,
+    )  # fmt: skip
+    assert spy.calls == 4  # 2 steps x 2 minibatches
+    assert [m["skipped_updates"] for m in history] == [1.0, 1.0]
+    assert not math.isfinite(history[1]["grad_norm"])  # the NaN gradient shows in the metrics
+    assert all(bool(torch.isfinite(v).all()) for v in policy.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    steps_taken = {int(s["step"]) for s in optimizer.state_dict()["state"].values()}
+    assert steps_taken == {2}  # 2 optimizer steps of 4 minibatches
+    assert checkpoint_step(tmp_path / "ckpt") == 2
+
+
+def test_non_finite_weights_are_never_checkpointed(
+    model_dir: Path, tmp_path: Path, one_step_checkpoint: Path
+) -> None:
+    """A policy whose weights became non-finite (however) is not saved over a good checkpoint."""
+    from gspo_components.checkpoint import save_checkpoint
+
+    folder = copy_checkpoint(one_step_checkpoint, tmp_path / "ckpt")
+    policy = load_model(model_dir)
+    with torch.no_grad():
+        next(policy.parameters())[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"refusing to write a checkpoint of step 2 with non-finite values"):
+        save_checkpoint(folder, {"policy": policy.state_dict(), "step": 2}, step=2, finite=["policy"])
+    assert checkpoint_step(folder) == 1
+    with pytest.raises(ValueError, match=r"state\['policy'\] is a Linear; a checkpoint holds only tensors"):
+        save_checkpoint(folder, {"policy": torch.nn.Linear(1, 1), "step": 2}, step=2)
+    assert checkpoint_step(folder) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# checks when train starts, and what the loop accepts
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("steps", -1, "an int >= 0"),
+        ("minibatches", 0, "an int >= 1"),
+        ("epochs", 0, "an int >= 1"),
+        ("epochs", 1.5, "an int >= 1"),
+        ("temperature", float("inf"), "a finite number > 0"),
+        ("temperature", 0.0, "a finite number > 0"),
+        ("max_grad_norm", -1.0, "None or a finite number > 0"),
+        ("checkpoint_every", -2, "an int >= 0"),
+        ("accuracy_threshold", float("nan"), "None or a finite number"),
+        ("old_from_rollout", "yes", "a bool"),
+        ("minibatches", True, "an int >= 1"),
+    ],
+)
+def test_bad_config_values_are_refused(field: str, value: Any, expected: str) -> None:
+    with pytest.raises(ValueError, match=rf"RLConfig: {field} must be {re.escape(expected)}, got"):
+        RLConfig(**{"steps": 1, field: value})
+    cfg = RLConfig(steps=1)
+    setattr(cfg, field, value)  # set after construction: train() checks again
+    with pytest.raises(ValueError, match=rf"RLConfig: {field} must be {re.escape(expected)}, got"):
+        train(None, None, None, gc.gspo(), None, next_prompts, cfg, samples_per_prompt=GROUP)  # type: ignore[arg-type]
+
+
+class NoN:
+    """A sampler without ``n`` / ``temperature`` attributes, wrapping a real one; it can turn the
+    response mask into float 0/1 (as some engines return it)."""
+
+    def __init__(self, inner: TransformersSampler, float_mask: bool = False) -> None:
+        self.inner, self.float_mask = inner, float_mask
+
+    def __call__(self, prompts: Any) -> TensorDictBase:
+        td = self.inner(prompts)
+        if self.float_mask:
+            td["response_mask"] = td["response_mask"].float()
+        return td
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.inner.sync_weights(model)
+
+
+def test_start_checks(model_dir: Path, tmp_path: Path) -> None:
+    policy = load_model(model_dir)
+
+    def run(sampler: Any, recipe: Recipe, samples: int = GROUP, **cfg: Any) -> None:
+        train(policy, sampler, MathAnswerReward(), recipe, make_optimizer(policy), next_prompts, config(1, **cfg),
+              samples_per_prompt=samples)  # fmt: skip
+
+    sampler = policy_sampler(policy, model_dir, seed=0)
+    with pytest.raises(
+        ValueError, match=r"samples_per_prompt=2 but the sampler draws n=4 samples per prompt"
+    ):
+        run(sampler, gc.gspo(), samples=2)
+    with pytest.raises(ValueError, match=r"the sampler returned a batch of shape \[16\] for 4 prompts; with "
+                       r"samples_per_prompt=2 it must be \[8\]"):  # fmt: skip
+        run(NoN(sampler), gc.gspo(), samples=2)
+    with pytest.raises(ValueError, match=r"samples_per_prompt must be an int >= 1, got 0"):
+        run(sampler, gc.gspo(), samples=0)
+    hot = TransformersSampler(policy, n=GROUP, max_tokens=MAX_TOKENS, seed=0, temperature=0.7,
+                              tokenizer=sampler.tokenizer)  # fmt: skip
+    with pytest.raises(ValueError, match=r"the sampler's temperature is 0.7 but RLConfig.temperature is 1.0"):
+        run(hot, gc.gspo())
+    with pytest.raises(ValueError, match=r"recipe 'grpo' has a KL term \(kl_coef=0.01\), which needs "
+                       r"'ref_log_probs': pass reference="):  # fmt: skip
+        run(sampler, gc.grpo(kl_coef=0.01))
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+class RewardsOnly(torch.nn.Module):
+    """A reward module that writes only ``rewards`` (no ``reward_valid``): 0.25 for a wrong
+    answer, 0.75 for a right one (fractional, so the default accuracy has no meaning)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.math = MathAnswerReward()
+
+    def forward(self, td: TensorDictBase) -> TensorDictBase:
+        right = self.math(td.clone())["rewards"]
+        td["rewards"] = 0.25 + 0.5 * right
+        return td
+
+
+def test_reward_without_valid_float_mask_entropy_and_accuracy(model_dir: Path, tmp_path: Path) -> None:
+    """issue 13: a reward module writing only ``rewards`` failed with KeyError 'reward_valid'; a
+    float 0/1 response mask failed with "bitwise_and_cpu not implemented for 'Float'";
+    ``gspo(entropy_coef=...)`` failed with "missing key 'entropy'"; and the default accuracy
+    thresholded fractional rewards at 0.5."""
+    seen: list[float] = []
+    for threshold in (None, 0.5):
+        torch.manual_seed(0)
+        policy = load_model(model_dir)
+        before = snapshot(policy)
+        reward = RewardsOnly()
+        history = train(
+            policy, NoN(policy_sampler(policy, model_dir, seed=0), float_mask=True), reward,
+            gc.gspo(entropy_coef=1e-3), make_optimizer(policy), next_prompts,
+            config(1, accuracy_threshold=threshold), samples_per_prompt=GROUP,
+        )  # fmt: skip
+        m = history[0]
+        assert m["reward_failures"] == 0.0
+        assert "entropy" in m and m["entropy"] > 0.0
+        assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+        if threshold is None:
+            assert "accuracy" not in m  # fractional rewards: no default accuracy
+        else:
+            # rewards are 0.25 or 0.75: accuracy = share of 0.75 = the share of right answers
+            share = (m["reward"] - 0.25) / 0.5
+            assert m["accuracy"] == pytest.approx(share)
+        seen.append(m["reward"])
+    assert seen[0] == seen[1]  # the same run, but for the threshold
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the policy on the GPU)")
+def test_cuda_policy_with_a_cpu_rollout(model_dir: Path) -> None:
+    """The loop moves the rollout (built on the CPU by the reward and the prompt fields) to the
+    policy's device: no device mix."""
+    torch.manual_seed(0)
+    policy = load_model(model_dir).cuda()
+    reference = load_model(model_dir).cuda().requires_grad_(False)
+    before = snapshot(policy)
+    history = train(
+        policy, policy_sampler(policy, model_dir, seed=0), MathAnswerReward(), gc.grpo(kl_coef=0.01),
+        make_optimizer(policy), next_prompts, config(2), samples_per_prompt=GROUP, reference=reference,
+    )  # fmt: skip
+    assert len(history) == 2
+    assert all(math.isfinite(history[-1][k]) for k in ("loss", "kl", "reward", "grad_norm"))
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
