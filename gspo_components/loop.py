@@ -604,9 +604,10 @@ def train(
     except KeyboardInterrupt:
         if ckpt_dir is not None and done_step > saved_step:
             if updating:
+                kept = f"the checkpoint of step {saved_step} is kept" if saved_step else "none is written"
                 warnings.warn(
                     f"train: interrupted during step {done_step + 1} after it had updated the weights; "
-                    f"they match no step, so the last checkpoint (step {saved_step}) is kept",
+                    f"they match no completed step, so no checkpoint of them is saved ({kept})",
                     RuntimeWarning,
                     stacklevel=2,
                 )

@@ -954,3 +954,55 @@ def test_cuda_policy_with_a_cpu_rollout(model_dir: Path) -> None:
     assert len(history) == 2
     assert all(math.isfinite(history[-1][k]) for k in ("loss", "kl", "reward", "grad_norm"))
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+class Recorder:
+    """A user's own logger: anything with start / log / close."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def start(self, step: int) -> None:
+        self.calls.append(("start", step))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.calls.append(("log", (step, dict(metrics))))
+
+    def close(self) -> None:
+        self.calls.append(("close", None))
+
+
+def test_any_object_with_the_logger_protocol(model_dir: Path) -> None:
+    recorder = Recorder()
+    torch.manual_seed(0)
+    _, _, history = run_steps(model_dir, 2, logger=recorder)
+    assert recorder.calls == [
+        ("start", 0),
+        ("log", (1, history[0])),
+        ("log", (2, history[1])),
+        ("close", None),
+    ]
+    with pytest.raises(ValueError, match=r"train: 'logger' must have the methods start\(step\), log\(step, "
+                       r"metrics\) and close\(\) .*; object lacks \['start', 'log', 'close'\]"):  # fmt: skip
+        run_steps(model_dir, 1, logger=object())
+
+
+def test_keyboard_interrupt_after_the_weights_moved_saves_nothing_stale(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Interrupted inside step 4 after its updates (here in ``on_step``): the weights belong to
+    no completed step, so they are not saved as step 3; a warning says so, and the step-2
+    checkpoint stays."""
+
+    def stop(step: int, metrics: dict[str, float]) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    policy = load_model(model_dir)
+    with pytest.warns(RuntimeWarning, match=r"interrupted during step 4 after it had updated the weights; .*"
+                      r"\(the checkpoint of step 2 is kept\)"), pytest.raises(KeyboardInterrupt):  # fmt: skip
+        train(policy, policy_sampler(policy, model_dir, seed=0), MathAnswerReward(), gc.gspo(),
+              make_optimizer(policy), next_prompts, config(5, checkpoint_dir=tmp_path, checkpoint_every=2),
+              samples_per_prompt=GROUP, on_step=stop)  # fmt: skip
+    assert checkpoint_step(tmp_path) == 2
