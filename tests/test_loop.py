@@ -1006,3 +1006,20 @@ def test_keyboard_interrupt_after_the_weights_moved_saves_nothing_stale(
               make_optimizer(policy), next_prompts, config(5, checkpoint_dir=tmp_path, checkpoint_every=2),
               samples_per_prompt=GROUP, on_step=stop)  # fmt: skip
     assert checkpoint_step(tmp_path) == 2
+
+
+def test_a_checkpoint_of_the_older_single_file_format_resumes(
+    model_dir: Path, tmp_path: Path, one_step_checkpoint: Path
+) -> None:
+    """Folders written before the manifest hold one ``checkpoint.pt`` (no checksum, no recipe
+    name, the CPU RNG state as a bare tensor): still resumed, through weights_only."""
+    state = torch.load(state_file(one_step_checkpoint), weights_only=True)
+    del state["recipe"]
+    state["rng"] = state["rng"]["cpu"]
+    folder = tmp_path / "old"
+    folder.mkdir()
+    torch.save(state, folder / "checkpoint.pt")
+    _, _, history = run_steps(model_dir, 2, checkpoint_dir=folder)
+    assert [m["step"] for m in history] == [1.0, 2.0]
+    assert history[0] == state["history"][0]
+    assert checkpoint_step(folder) == 2
