@@ -152,7 +152,7 @@ def test_resume_with_a_rebuilt_seeded_engine_sampler_is_identical(model_dir, sam
 
     def run(ckpt, steps):
         policy = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-        if not (ckpt / "checkpoint.pt").exists():
+        if not (ckpt / "checkpoint.json").exists():
             sampler.sync_weights(policy)  # the engine holds whatever earlier tests pushed
         history = train(
             policy,
