@@ -108,12 +108,30 @@ def test_sync_clears_the_prefix_cache(sampler, policy, monkeypatch):
 
 
 def test_bf16_transport_casts_to_the_engine_dtype(model_dir, sampler, policy):
-    """Weights travel in the engine's dtype; a bf16 copy of the policy syncs like the fp32 one."""
+    """Weights travel in the engine's dtype; a bf16 copy of the policy syncs like the fp32 one.
+
+    The engine then holds the bf16-rounded weights (in float32). It must match a float32 model
+    with exactly those weights, and match it far better than it matches the unrounded policy.
+    (How far the rounding moves the sampled tokens' log-probs depends on the model and the
+    samples: on one machine it was 3e-3, on another 1.5e-6, so the test compares the two gaps
+    instead of bounding one.)"""
     sampler.weight_sync = "rpc"
-    sampler.sync_weights(copy.deepcopy(policy).to(torch.bfloat16))
-    # The engine now holds bf16-rounded weights (in float32): close to the policy, not exact.
-    gap = _max_gap(policy, sampler(PROMPTS))
-    assert LOGPROB_ATOL < gap < 0.1, gap
+    rounded = copy.deepcopy(policy).to(torch.bfloat16)
+    sampler.sync_weights(rounded)
+    rollout = sampler(PROMPTS)
+    mask = rollout["response_mask"]
+    as_float = copy.deepcopy(rounded).to(torch.float32)
+
+    def gaps(model: torch.nn.Module) -> torch.Tensor:
+        scored = Scorer(model, temperature=TEMPERATURE, grad=False)(rollout.clone())
+        return (scored["log_probs"] - rollout["rollout_log_probs"]).abs()[mask]
+
+    to_rounded, to_policy = gaps(as_float), gaps(policy)
+    assert float(to_rounded.max()) < LOGPROB_ATOL
+    assert float(to_policy.sum()) > 2 * float(to_rounded.sum()), (
+        float(to_policy.sum()),
+        float(to_rounded.sum()),
+    )
     sampler.sync_weights(policy)
     assert _max_gap(policy, sampler(PROMPTS)) < LOGPROB_ATOL
 
@@ -161,7 +179,14 @@ def test_resume_with_a_rebuilt_seeded_engine_sampler_is_identical(model_dir, sam
             gc.gspo(),
             torch.optim.AdamW(policy.parameters(), lr=1e-2),
             lambda step: PromptBatch(PROMPTS),
-            RLConfig(steps=steps, minibatches=2, progress=False, checkpoint_dir=ckpt, checkpoint_every=1),
+            RLConfig(
+                steps=steps,
+                minibatches=2,
+                temperature=TEMPERATURE,
+                progress=False,
+                checkpoint_dir=ckpt,
+                checkpoint_every=1,
+            ),
             samples_per_prompt=sampler.n,
         )
         return policy, [{k: v for k, v in m.items() if k not in timing_keys} for m in history]
