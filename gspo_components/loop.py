@@ -369,6 +369,37 @@ def _accuracy(values: torch.Tensor, threshold: float | None) -> float | None:
     return float((values >= threshold).float().mean())
 
 
+def _filter_groups(
+    group_filter: Callable[[TensorDictBase], TensorDictBase], td: TensorDictBase
+) -> TensorDictBase:
+    """Apply a user's group filter and check that it kept whole groups and every key."""
+    out = group_filter(td)
+    if not isinstance(out, TensorDictBase) or out.batch_dims != 1 or out.shape[0] > td.shape[0]:
+        got = (
+            f"a TensorDict of batch size {list(out.shape)}"
+            if isinstance(out, TensorDictBase)
+            else type(out).__name__
+        )
+        raise ValueError(
+            f"train: group_filter must return a TensorDict of batch size [M] with M <= {td.shape[0]} "
+            f"(a subset of the rollout's rows), got {got}"
+        )
+    missing = sorted(str(k) for k in set(td.keys()) - set(out.keys()))
+    if missing:
+        raise ValueError(f"train: group_filter dropped the keys {missing}; keep every key, drop rows")
+    if out.shape[0] and "group_ids" in td.keys():
+        before = torch.unique(td["group_ids"], return_counts=True)
+        kept, kept_counts = torch.unique(out["group_ids"], return_counts=True)
+        full = dict(zip(before[0].tolist(), before[1].tolist(), strict=True))
+        partial = [g for g, c in zip(kept.tolist(), kept_counts.tolist(), strict=True) if full.get(g) != c]
+        if partial:
+            raise ValueError(
+                f"train: group_filter must keep or drop whole groups; groups {partial[:8]} were kept in part "
+                "(the advantages are computed over whole groups)"
+            )
+    return out
+
+
 def train(
     policy: torch.nn.Module,
     sampler: Sampler,
@@ -383,6 +414,7 @@ def train(
     reference: torch.nn.Module | None = None,
     lr_scheduler: LRScheduler | None = None,
     logger: MetricsLogger | None = None,
+    group_filter: Callable[[TensorDictBase], TensorDictBase] | None = None,
 ) -> list[dict[str, float]]:
     """Run ``config.steps`` RL steps; return the per-step metrics (also resumed history).
 
@@ -392,6 +424,13 @@ def train(
     the learning rate used by the step is logged as ``lr``. ``logger`` (any object with
     ``start``/``log``/``close``, :mod:`gspo_components.metrics_log`) receives each step's
     metrics, besides the JSON-lines file of ``config.log_path``.
+
+    ``group_filter(td)``, when given, runs between the rewards and the advantages on the step's
+    rollout (rewards, ``reward_valid`` and masks set) and returns the rows to train on: a
+    TensorDict of batch size [M] holding whole groups (every row of a kept ``group_ids`` value)
+    and every key it was given; e.g. DAPO's dynamic sampling drops the groups whose rewards are
+    all equal. ``reward``, ``reward_failures`` and ``accuracy`` describe the whole sample;
+    ``filtered_samples`` counts the rows dropped. A step whose filter keeps no row makes no update.
 
     The rollout is moved to the policy's device. The reward function must write ``rewards``
     [N]; ``reward_valid`` [N] bool is optional (all valid when absent). Float or integer 0/1
@@ -496,18 +535,25 @@ def train(
             )
             if "prompt_mask" in td.keys():
                 td["prompt_mask"] = check_mask("train", "prompt_mask", td["prompt_mask"])
-            td = recipe.advantage(td)
+            sampled = td
+            if group_filter is not None:
+                td = _filter_groups(group_filter, td)
+            has_rows = td.shape[0] > 0
+            if has_rows:
+                td = recipe.advantage(td)
             if routing.needs_rollout_routing and "routed_experts" not in td.keys():
                 raise ValueError(
                     f"train: routing_replay={config.routing_replay!r} needs the sampler to return "
                     "'routed_experts' (TransformersSampler(..., return_routed_experts=True), or "
                     "VLLMSampler(..., return_routed_experts=True) on a GPU build of vLLM)"
                 )
-            if config.old_from_rollout:
+            if not has_rows:
+                pass
+            elif config.old_from_rollout:
                 td["old_log_probs"] = td["rollout_log_probs"]
             else:
                 td = old_scorer(td)
-            if ref_scorer is not None:
+            if ref_scorer is not None and has_rows:
                 td = ref_scorer(td)
             outputs: list[TensorDictBase] = []
             routing_values: list[dict[str, torch.Tensor]] = []
@@ -519,7 +565,7 @@ def train(
             )
             lr = float(optimizer.param_groups[0]["lr"])
             policy.train()
-            for _ in range(config.epochs):
+            for _ in range(config.epochs if has_rows else 0):
                 order = torch.randperm(td.shape[0])
                 for chunk in order.chunk(config.minibatches):
                     mb = td[chunk.to(device)]
@@ -557,21 +603,23 @@ def train(
             policy.eval()
             sampler.sync_weights(policy)
             elapsed = time.perf_counter() - t0
-            rewards = td["rewards"].float()
+            rewards = sampled["rewards"].float()
             tokens = int(td["response_mask"].sum())
             metrics: dict[str, float] = {
                 "step": float(step + 1),
                 "reward": float(rewards[valid].mean()) if bool(valid.any()) else float("nan"),
                 "reward_failures": float((~valid).sum()),
-                "response_length": float(td["response_mask"].sum(-1).float().mean()),
+                "response_length": float(sampled["response_mask"].sum(-1).float().mean()),
                 "tokens_per_s": tokens / max(elapsed, 1e-9),
                 "sample_tokens_per_s": tokens / max(t_sample, 1e-9),
                 "seconds": elapsed,
                 "lr": lr,
                 "skipped_updates": float(skipped),
             }
+            if group_filter is not None:
+                metrics["filtered_samples"] = float(sampled.shape[0] - td.shape[0])
             if config.accuracy_key is not None:
-                acc = _accuracy(td.get(config.accuracy_key).float()[valid], config.accuracy_threshold)
+                acc = _accuracy(sampled.get(config.accuracy_key).float()[valid], config.accuracy_threshold)
                 if acc is not None:
                     metrics["accuracy"] = acc
             for name, key, reduce in logged:

@@ -1023,3 +1023,97 @@ def test_a_checkpoint_of_the_older_single_file_format_resumes(
     assert [m["step"] for m in history] == [1.0, 2.0]
     assert history[0] == state["history"][0]
     assert checkpoint_step(folder) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# the group filter between rewards and advantages
+
+
+def _drop_constant_groups(td: TensorDictBase) -> TensorDictBase:
+    """DAPO's dynamic-sampling criterion, written here: keep the groups whose rewards differ."""
+    keep = torch.zeros(td.shape[0], dtype=torch.bool)
+    for g in td["group_ids"].unique():
+        rows = td["group_ids"] == g
+        keep |= rows & bool(td["rewards"][rows].unique().numel() > 1)
+    return td[keep]
+
+
+def test_group_filter_trains_on_the_kept_groups_only(model_dir: Path) -> None:
+    torch.manual_seed(0)
+    policy = load_model(model_dir)
+    seen: list[TensorDictBase] = []
+
+    def spy(td: TensorDictBase) -> TensorDictBase:
+        out = _drop_constant_groups(td)
+        seen.append(td.select("rewards", "group_ids").clone())
+        seen.append(out.select("rewards", "group_ids").clone())
+        return out
+
+    losses: list[TensorDictBase] = []
+    recipe = gc.grpo()
+
+    class Spy(torch.nn.Module):
+        def forward(self, td: TensorDictBase) -> TensorDictBase:
+            losses.append(td.select("group_ids").clone())
+            return recipe.loss(td)
+
+    history = train(
+        policy,
+        policy_sampler(policy, model_dir, seed=0),
+        MathAnswerReward(),
+        Recipe("grpo", recipe.advantage, Spy()),
+        make_optimizer(policy),
+        next_prompts,
+        config(3),
+        samples_per_prompt=GROUP,
+        group_filter=spy,
+    )
+    for step, m in enumerate(history):
+        sampled, kept = seen[2 * step], seen[2 * step + 1]
+        assert m["filtered_samples"] == sampled.shape[0] - kept.shape[0]
+        # reward is over the whole sample, not just the kept groups
+        assert m["reward"] == pytest.approx(float(sampled["rewards"].mean()))
+    trained = torch.cat([t["group_ids"] for t in losses])
+    kept_ids = torch.cat([seen[i]["group_ids"] for i in range(1, len(seen), 2)])
+    assert set(trained.tolist()) <= set(kept_ids.tolist())
+    assert sum(m["filtered_samples"] for m in history) > 0, (
+        "no constant group was drawn: the test saw nothing"
+    )
+
+
+def test_group_filter_must_keep_whole_groups_and_every_key(model_dir: Path) -> None:
+    policy = load_model(model_dir)
+
+    def run(fn) -> None:
+        train(
+            policy,
+            policy_sampler(policy, model_dir, seed=0),
+            MathAnswerReward(),
+            gc.grpo(),
+            make_optimizer(policy),
+            next_prompts,
+            config(1),
+            samples_per_prompt=GROUP,
+            group_filter=fn,
+        )
+
+    with pytest.raises(ValueError, match="keep or drop whole groups"):
+        run(lambda td: td[1:])
+    with pytest.raises(ValueError, match="dropped the keys"):
+        run(lambda td: td.exclude("answer"))
+    with pytest.raises(ValueError, match=r"batch size \[M\]"):
+        run(lambda td: td["rewards"])
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    history = train(
+        policy,
+        policy_sampler(policy, model_dir, seed=0),
+        MathAnswerReward(),
+        gc.grpo(),
+        make_optimizer(policy),
+        next_prompts,
+        config(1),
+        samples_per_prompt=GROUP,
+        group_filter=lambda td: td[:0],
+    )
+    assert history[0]["filtered_samples"] == PROMPTS_PER_STEP * GROUP
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items()), "no row, no update"
