@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from sync_checks import max_logprob_gap, reinforce_update
 
 from gspo_components.sampling import TransformersSampler, VLLMSampler
 from gspo_components.scoring import Scorer
@@ -26,6 +27,14 @@ PROMPTS = ["12+34=", "7*8=", "5-9=", "3"]
 # to 2.2e-5 across ten successive aggressive updates (AdamW, lr 3e-2; larger weights, larger
 # rounding differences). Before a sync the same comparison is off by more than 1e-2.
 LOGPROB_ATOL = 1e-4
+
+
+def _update(policy: torch.nn.Module, rollout, steps: int = 3) -> None:
+    reinforce_update(policy, rollout, TEMPERATURE, steps)
+
+
+def _max_gap(policy: torch.nn.Module, rollout) -> float:
+    return max_logprob_gap(policy, rollout, TEMPERATURE)
 
 
 @pytest.fixture(scope="module")
@@ -51,29 +60,6 @@ def sampler(model_dir):
     )
     yield s
     s.close()
-
-
-def _update(policy: torch.nn.Module, rollout, steps: int = 3) -> None:
-    """A few AdamW steps of REINFORCE with random ±1 advantages (lr large enough to move)."""
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-2)
-    scorer = Scorer(policy, temperature=TEMPERATURE)
-    advantages = torch.randn(rollout.batch_size[0], generator=torch.Generator().manual_seed(0)).sign()
-    policy.train()
-    for _ in range(steps):
-        td = scorer(rollout.clone())
-        mask = td["response_mask"]
-        per_token = torch.where(mask, td["log_probs"], torch.zeros(()))
-        loss = -(advantages * per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    policy.eval()
-
-
-def _max_gap(policy: torch.nn.Module, rollout) -> float:
-    scored = Scorer(policy, temperature=TEMPERATURE, grad=False)(rollout.clone())
-    mask = rollout["response_mask"]
-    return float((scored["log_probs"] - rollout["rollout_log_probs"]).abs()[mask].max())
 
 
 @pytest.mark.parametrize("transport", ["file", "rpc"])
