@@ -283,11 +283,13 @@ def _load(
 
 @dataclass(frozen=True)
 class _RoutingModes:
-    """The Scorers' routing options for one run (all None for a dense policy)."""
+    """The Scorers' routing options for one run (all None for a dense policy), and the one
+    RoutingReplay of the policy they share."""
 
     old: Literal["record", "replay"] | None
     policy: Literal["replay", "compare"] | None
     needs_rollout_routing: bool
+    replay: RoutingReplay | None = None
 
 
 def _routing_modes(policy: torch.nn.Module, config: RLConfig) -> _RoutingModes:
@@ -295,7 +297,7 @@ def _routing_modes(policy: torch.nn.Module, config: RLConfig) -> _RoutingModes:
     if mode not in (None, "R2", "R3"):
         raise ValueError(f"RLConfig.routing_replay must be None, 'R2' or 'R3', got {mode!r}")
     try:
-        RoutingReplay(policy)
+        replay = RoutingReplay(policy)
     except ValueError as err:
         if mode is not None:
             raise ValueError(
@@ -303,7 +305,7 @@ def _routing_modes(policy: torch.nn.Module, config: RLConfig) -> _RoutingModes:
             ) from None
         return _RoutingModes(None, None, False)
     if mode == "R3":
-        return _RoutingModes(None if config.old_from_rollout else "replay", "replay", True)
+        return _RoutingModes(None if config.old_from_rollout else "replay", "replay", True, replay)
     if config.old_from_rollout:
         if mode == "R2":
             raise ValueError(
@@ -312,8 +314,8 @@ def _routing_modes(policy: torch.nn.Module, config: RLConfig) -> _RoutingModes:
                 "old_from_rollout=False"
             )
         # No π_old forward to record in: measure against the sampler's routing when it has one.
-        return _RoutingModes(None, "compare", False)
-    return _RoutingModes("record", "replay" if mode == "R2" else "compare", False)
+        return _RoutingModes(None, "compare", False, replay)
+    return _RoutingModes("record", "replay" if mode == "R2" else "compare", False, replay)
 
 
 def _check_start(
@@ -450,6 +452,7 @@ def train(
         policy,
         temperature=config.temperature,
         routing=routing.policy,
+        routing_replay=routing.replay,
         return_entropy=needs_entropy,
         out_keys=entropy_out,
     )
@@ -471,7 +474,12 @@ def train(
         )
     ]  # fmt: skip
     old_scorer = Scorer(
-        policy, temperature=config.temperature, out_key="old_log_probs", grad=False, routing=routing.old
+        policy,
+        temperature=config.temperature,
+        out_key="old_log_probs",
+        grad=False,
+        routing=routing.old,
+        routing_replay=routing.replay,
     )
     ref_scorer = (
         Scorer(reference, temperature=config.temperature, out_key=ref_key, grad=False)

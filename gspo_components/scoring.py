@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tensordict import TensorDictBase
@@ -47,6 +47,9 @@ from tensordict import TensorDictBase
 from ._checks import check_mask, check_range
 from ._module import KeyedModule, KeyOverrides
 from .fused import linear_log_probs
+
+if TYPE_CHECKING:
+    from .moe import RoutingReplay
 
 __all__ = ["Scorer", "response_log_probs"]
 
@@ -286,6 +289,9 @@ class Scorer(KeyedModule):
         return_entropy: also write ``entropy`` [N, T].
         routing: ``None``, ``"record"``, ``"replay"`` or ``"compare"`` (module doc; MoE models
             only). Renamable keys: ``routed_experts`` and ``rerouted``.
+        routing_replay: an existing :class:`~gspo_components.moe.RoutingReplay` of ``model`` to
+            use (Scorers of one model can share it); by default one is built when ``routing`` is
+            set.
     """
 
     def __init__(
@@ -301,6 +307,7 @@ class Scorer(KeyedModule):
         backend: str = "auto",
         return_entropy: bool = False,
         routing: Literal["record", "replay", "compare"] | None = None,
+        routing_replay: RoutingReplay | None = None,
         in_keys: KeyOverrides = None,
         out_keys: KeyOverrides = None,
     ) -> None:
@@ -311,11 +318,13 @@ class Scorer(KeyedModule):
                 f"Scorer: routing must be None, 'record', 'replay' or 'compare', got {routing!r}"
             )
         self.routing = routing
+        if routing_replay is not None and routing_replay.model is not model:
+            raise ValueError("Scorer: routing_replay must be a RoutingReplay of this Scorer's model")
         self.routing_replay = None
         if routing is not None:
             from .moe import RoutingReplay
 
-            self.routing_replay = RoutingReplay(model)
+            self.routing_replay = routing_replay if routing_replay is not None else RoutingReplay(model)
         self.temperature = check_range("Scorer", "temperature", temperature, 0.0, None, low_inclusive=False)
         self.grad = grad
         if micro_batch_size is not None and (grad or micro_batch_size < 1):

@@ -169,6 +169,12 @@ def test_scorer_routing_errors(tokenizer) -> None:
         Scorer(model, routing="replay")(td)
     with pytest.raises(ValueError, match="routing must be None, 'record', 'replay' or 'compare'"):
         Scorer(model, routing="R2")
+    from gspo_components.moe import RoutingReplay
+
+    shared = RoutingReplay(model)
+    assert Scorer(model, routing="record", routing_replay=shared).routing_replay is shared
+    with pytest.raises(ValueError, match="routing_replay must be a RoutingReplay of this Scorer's model"):
+        Scorer(moe_model(tokenizer, seed=1), routing="record", routing_replay=shared)
     dense = build_tiny_qwen3(len(tokenizer), tokenizer=tokenizer, hidden_size=64)
     with pytest.raises(ValueError, match="Qwen3ForCausalLM has no mixture-of-experts router"):
         Scorer(dense, routing="record")
