@@ -22,6 +22,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from moe_checks import experts_used
 
 from gspo_components.moe import (
     RoutingReplay,
@@ -114,22 +115,6 @@ def _inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     attn[1, 6:] = 0
     attn[2, 3:] = 0
     return ids, attn
-
-
-@contextmanager
-def _experts_used(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Yields a list filled, per forward, with each MoE layer's top_k_index [n, K] as the experts
-    module received it."""
-    seen: list[torch.Tensor] = []
-    handles = [
-        block.experts.register_forward_pre_hook(lambda m, args: seen.append(args[1].detach().clone()))
-        for block in _moe_blocks(model)
-    ]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -232,13 +217,13 @@ def test_replay_after_router_update(family: str) -> None:
     _perturb_routers(model)
 
     # Without replay the routing changes.
-    with torch.no_grad(), _experts_used(model) as free:
+    with torch.no_grad(), experts_used(model) as free:
         free_logits = model(input_ids=ids, attention_mask=attn).logits
     free_sets = torch.stack(free, dim=1).reshape(3, 9, L, K)
     assert not _sets_equal(free_sets, routed).all()
 
     # With replay the experts used are the recorded ones, and the logits are the test's replay.
-    with torch.no_grad(), _experts_used(model) as used, replay.replay(routed) as cmp:
+    with torch.no_grad(), experts_used(model) as used, replay.replay(routed) as cmp:
         replayed = model(input_ids=ids, attention_mask=attn).logits
     assert torch.equal(torch.stack(used, dim=1).reshape(3, 9, L, K), routed.long())
     with torch.no_grad(), _test_replay(model, routed, normalises):
@@ -289,7 +274,7 @@ def test_replay_mask_routes_freely_outside() -> None:
     forced[..., 1] = 1
     mask = torch.zeros(3, 9, dtype=torch.bool)
     mask[0, :4] = True
-    with torch.no_grad(), _experts_used(model) as used, replay.replay(forced, mask):
+    with torch.no_grad(), experts_used(model) as used, replay.replay(forced, mask):
         model(input_ids=ids, attention_mask=attn)
     used_sets = torch.stack(used, dim=1).reshape(3, 9, L, K)
     assert _sets_equal(used_sets[mask], forced[mask]).all()

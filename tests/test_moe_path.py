@@ -11,12 +11,11 @@ whose routing the test reads with its own hooks on the experts modules.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from moe_checks import experts_used
 from tensordict import TensorDict
 
 import gspo_components as gc
@@ -77,20 +76,6 @@ def reference_log_probs(model: torch.nn.Module, td: TensorDict) -> torch.Tensor:
         for t in range(len(r)):
             out[i, t] = lp[len(p) - 1 + t, r[t]]
     return out
-
-
-@contextmanager
-def experts_used(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    seen: list[torch.Tensor] = []
-    handles = [
-        layer.mlp.experts.register_forward_pre_hook(lambda m, args: seen.append(args[1].detach().clone()))
-        for layer in model.model.layers
-    ]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # -- Scorer ------------------------------------------------------------------------------------
