@@ -109,7 +109,7 @@ def train_pairs(settings: Settings) -> list[tuple[int, int]]:
 
 
 def build_model(settings: Settings, tokenizer: Any, seed: int = 0) -> torch.nn.Module:
-    from gspo_components.tiny import build_tiny_qwen3_moe
+    from gspo_components.testing.tiny import build_tiny_qwen3_moe
 
     return build_tiny_qwen3_moe(
         len(tokenizer),
@@ -160,7 +160,7 @@ def greedy_accuracy(
 
 def warm_start(out: Path, settings: Settings) -> Path:
     """The supervised warm start shared by every arm, cached in ``out/warmup``."""
-    from gspo_components.tiny import build_char_tokenizer, supervised_step
+    from gspo_components.testing.tiny import build_char_tokenizer, supervised_step
 
     path = out / "warmup"
     meta = {
@@ -242,7 +242,7 @@ class _LossProbe(torch.nn.Module):
 
 
 def _exact_reward():
-    from gspo_components.rewards import RewardFn
+    from gspo_components.rollout.rewards import RewardFn
 
     class ExactAnswer(RewardFn):
         """1 when the response (special tokens dropped) is exactly the answer, else 0."""
@@ -259,9 +259,9 @@ def run_seed(job: dict[str, Any]) -> dict[str, Any]:
     """One arm and seed: RL from the warm start; writes history.json and returns its summary."""
     torch.set_num_threads(1)
     import gspo_components as gc
-    from gspo_components.loop import PromptBatch, RLConfig, train
-    from gspo_components.recipes import Recipe
-    from gspo_components.sampling import TransformersSampler
+    from gspo_components.loss.recipes import Recipe
+    from gspo_components.rollout.loop import PromptBatch, RLConfig, train
+    from gspo_components.rollout.sampling import TransformersSampler
 
     settings = Settings(**job["settings"])
     arm, seed = job["arm"], job["seed"]

@@ -54,7 +54,7 @@ def addition_examples(rng: random.Random, count: int) -> list[tuple[str, str]]:
 
 def build_model(path: Path, sft_steps: int, seed: int) -> dict:
     """Build the tiny Qwen3 + tokenizer, fine-tune it on additions, save it (float32) to ``path``."""
-    from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3, supervised_step
+    from gspo_components.testing.tiny import build_char_tokenizer, build_tiny_qwen3, supervised_step
 
     tok = build_char_tokenizer(ALPHABET, path)
     model = build_tiny_qwen3(len(tok), tokenizer=tok, max_position_embeddings=128, seed=seed)
@@ -84,7 +84,7 @@ def stats(delta: torch.Tensor, mask: torch.Tensor) -> dict:
 
 
 def score(model: torch.nn.Module, td, temperature: float, fused: bool = True) -> torch.Tensor:
-    from gspo_components.scoring import response_log_probs
+    from gspo_components.rollout.scoring import response_log_probs
 
     with torch.no_grad():
         return response_log_probs(
@@ -101,7 +101,7 @@ def score(model: torch.nn.Module, td, temperature: float, fused: bool = True) ->
 def run(model_dir: Path, prompts: list[str], n: int, max_tokens: int, temps: list[float]) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from gspo_components.sampling import VLLMSampler
+    from gspo_components.rollout.sampling import VLLMSampler
 
     hf32 = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     hf16 = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()

@@ -39,7 +39,7 @@ import torch
 from _machine import cpu_description
 
 from gspo_components.moe import RoutingReplay, routing_dtype
-from gspo_components.tiny import build_tiny_qwen3_moe
+from gspo_components.testing.tiny import build_tiny_qwen3_moe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = {

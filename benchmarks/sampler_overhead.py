@@ -54,7 +54,7 @@ def machine() -> dict:
 
 def build(path: Path, **arch) -> int:
     """Save a tiny Qwen3 (+ tokenizer) to ``path``; return its parameter count."""
-    from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3
+    from gspo_components.testing.tiny import build_char_tokenizer, build_tiny_qwen3
 
     tok = build_char_tokenizer(ALPHABET, path)
     vocab = arch.pop("vocab_size", len(tok))
@@ -93,7 +93,7 @@ def cpu_seconds() -> float:
 
 
 def overhead(sampler, prompts: list[str], repeats: int) -> dict:
-    from gspo_components.sampling._batch import tokenize_prompts
+    from gspo_components.rollout.sampling._batch import tokenize_prompts
 
     params = sampler.sampling_params(len(prompts))
     llm = sampler.llm
@@ -242,7 +242,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from gspo_components.sampling import VLLMSampler
+    from gspo_components.rollout.sampling import VLLMSampler
 
     load_before = os.getloadavg()
     rng = random.Random(0)

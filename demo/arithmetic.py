@@ -52,7 +52,7 @@ def warm_start(path: Path, train: list[tuple[int, int]], steps: int, seed: int) 
     """Supervised warm-up on prompt → answer<eos>, cached: reused when the settings match."""
     from transformers import AutoModelForCausalLM
 
-    from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3, supervised_step
+    from gspo_components.testing.tiny import build_char_tokenizer, build_tiny_qwen3, supervised_step
 
     meta = {"steps": steps, "seed": seed, "alphabet": ALPHABET, "version": 1}
     meta_file = path / "warmup.json"
@@ -90,8 +90,8 @@ def run_recipe(name: str, args: argparse.Namespace, sampler: object, train_pairs
     from transformers import AutoModelForCausalLM
 
     import gspo_components as gc
-    from gspo_components.loop import PromptBatch, RLConfig, train
-    from gspo_components.rewards import MathAnswerReward
+    from gspo_components.rollout.loop import PromptBatch, RLConfig, train
+    from gspo_components.rollout.rewards import MathAnswerReward
 
     torch.manual_seed(args.seed)
     policy = AutoModelForCausalLM.from_pretrained(args.runs / "warmup")
@@ -202,7 +202,7 @@ def main() -> None:
         flush=True,
     )
 
-    from gspo_components.sampling import VLLMSampler
+    from gspo_components.rollout.sampling import VLLMSampler
 
     sampler = VLLMSampler(
         str(args.runs / "warmup"), n=args.group_size, max_tokens=MAX_TOKENS, temperature=1.0, seed=args.seed

@@ -17,8 +17,8 @@ Recipes compose one part per role: :func:`grpo`, :func:`gspo`, :func:`gspo_token
 :func:`dr_grpo`, :func:`dapo`, :func:`cispo`.
 """
 
-from ._validation import is_validating, set_validation, validation
-from .advantages import (
+from .loss._validation import is_validating, set_validation, validation
+from .loss.advantages import (
     BatchWhitenedAdvantage,
     GroupMeanAdvantage,
     GroupNormalizedAdvantage,
@@ -29,8 +29,8 @@ from .advantages import (
     group_normalized_advantages,
     leave_one_out_advantages,
 )
-from .aggregation import AGGREGATIONS, LossNormalizers, aggregate, local_normalizers, step_normalizers
-from .clipping import (
+from .loss.aggregation import AGGREGATIONS, LossNormalizers, aggregate, local_normalizers, step_normalizers
+from .loss.clipping import (
     CISPOClip,
     NoClip,
     PPOClip,
@@ -40,7 +40,7 @@ from .clipping import (
     sapo_loss,
     unclipped_loss,
 )
-from .importance import (
+from .loss.importance import (
     SequenceLogRatio,
     SequenceTokenLogRatio,
     TokenLogRatio,
@@ -49,10 +49,10 @@ from .importance import (
     sequence_token_log_ratio,
     token_log_ratio,
 )
-from .kl import kl_penalty
-from .objective import Objective, loss_metrics, objective_loss
-from .recipes import PolicyLoss, Recipe, cispo, dapo, dr_grpo, grpo, gspo, gspo_token
-from .rollout_correction import RolloutCorrection, rollout_correction_weights
+from .loss.kl import kl_penalty
+from .loss.objective import Objective, loss_metrics, objective_loss
+from .loss.recipes import PolicyLoss, Recipe, cispo, dapo, dr_grpo, grpo, gspo, gspo_token
+from .loss.rollout_correction import RolloutCorrection, rollout_correction_weights
 
 __version__ = "0.1.0"
 

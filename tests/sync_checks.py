@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDictBase
 
-from gspo_components.scoring import Scorer
+from gspo_components.rollout.scoring import Scorer
 
 
 def reinforce_update(

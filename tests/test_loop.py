@@ -1,4 +1,4 @@
-"""The reference loop (:func:`gspo_components.loop.train`) end to end, on the CPU.
+"""The reference loop (:func:`gspo_components.rollout.loop.train`) end to end, on the CPU.
 
 A tiny Qwen3 (1 layer, hidden 64, head_dim 32) over the character alphabet ``0123456789+=`` is
 built in a temporary folder and warmed up with a short supervised run on ``a+b=`` → ``c<eos>``
@@ -44,11 +44,11 @@ import torch
 from tensordict import TensorDictBase
 
 import gspo_components as gc
-from gspo_components.loop import PromptBatch, RLConfig, train
-from gspo_components.recipes import Recipe
-from gspo_components.rewards import MathAnswerReward
-from gspo_components.sampling import TransformersSampler
-from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3, supervised_step
+from gspo_components.loss.recipes import Recipe
+from gspo_components.rollout.loop import PromptBatch, RLConfig, train
+from gspo_components.rollout.rewards import MathAnswerReward
+from gspo_components.rollout.sampling import TransformersSampler
+from gspo_components.testing.tiny import build_char_tokenizer, build_tiny_qwen3, supervised_step
 
 ALPHABET = "0123456789+="
 PAIRS = [(a, b) for a in range(1, 10) for b in range(1, 10)]
@@ -720,7 +720,7 @@ def test_log_is_cut_back_to_the_checkpoint_on_resume(model_dir: Path, tmp_path: 
     Both loggers (JSON lines in a folder that does not exist yet, and TensorBoard through
     ``logger=``) end with steps 1..4 once each, equal to the returned history."""
     pytest.importorskip("tensorboard", reason="TensorBoardLogger needs the tensorboard package")
-    from gspo_components.metrics_log import TensorBoardLogger
+    from gspo_components.rollout.metrics_log import TensorBoardLogger
 
     ckpt, log, tb = tmp_path / "ckpt", tmp_path / "new" / "dir" / "metrics.jsonl", tmp_path / "tb"
     torch.manual_seed(0)
@@ -808,7 +808,7 @@ def test_non_finite_weights_are_never_checkpointed(
     model_dir: Path, tmp_path: Path, one_step_checkpoint: Path
 ) -> None:
     """A policy whose weights became non-finite (however) is not saved over a good checkpoint."""
-    from gspo_components.checkpoint import save_checkpoint
+    from gspo_components.rollout.checkpoint import save_checkpoint
 
     folder = copy_checkpoint(one_step_checkpoint, tmp_path / "ckpt")
     policy = load_model(model_dir)

@@ -19,12 +19,12 @@ from moe_checks import experts_used
 from tensordict import TensorDict
 
 import gspo_components as gc
-from gspo_components.loop import PromptBatch, RLConfig, train
 from gspo_components.moe import routing_mask
-from gspo_components.rewards import RewardFn
-from gspo_components.sampling import TransformersSampler, VLLMSampler
-from gspo_components.scoring import Scorer
-from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3, build_tiny_qwen3_moe
+from gspo_components.rollout.loop import PromptBatch, RLConfig, train
+from gspo_components.rollout.rewards import RewardFn
+from gspo_components.rollout.sampling import TransformersSampler, VLLMSampler
+from gspo_components.rollout.scoring import Scorer
+from gspo_components.testing.tiny import build_char_tokenizer, build_tiny_qwen3, build_tiny_qwen3_moe
 
 ALPHABET = "0123456789+="
 LAYERS, TOP_K = 2, 2

@@ -18,10 +18,10 @@ import torch
 from sync_checks import max_logprob_gap, reinforce_update
 
 from gspo_components.moe import RoutingReplay, routing_mask
-from gspo_components.sampling import VLLMSampler
-from gspo_components.sampling.vllm_sampler import checkpoint_state_dict
-from gspo_components.scoring import Scorer
-from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3_moe
+from gspo_components.rollout.sampling import VLLMSampler
+from gspo_components.rollout.sampling.vllm_sampler import checkpoint_state_dict
+from gspo_components.rollout.scoring import Scorer
+from gspo_components.testing.tiny import build_char_tokenizer, build_tiny_qwen3_moe
 
 ALPHABET = "0123456789+-*= "
 TEMPERATURE = 0.9

@@ -37,7 +37,7 @@ from strategies import PolicyBatch, policy_batches
 from tensordict import TensorDict
 
 from gspo_components import AGGREGATIONS, cispo, dapo, dr_grpo, grpo, gspo, gspo_token
-from gspo_components.recipes import Recipe
+from gspo_components.loss.recipes import Recipe
 
 RECIPES: dict[str, Callable[..., Recipe]] = {
     "grpo": grpo,

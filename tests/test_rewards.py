@@ -56,7 +56,7 @@ from hypothesis import strategies as st
 from tensordict import NonTensorStack, TensorDict
 
 from gspo_components import GroupNormalizedAdvantage, group_normalized_advantages
-from gspo_components.rewards import (
+from gspo_components.rollout.rewards import (
     FormatReward,
     MathAnswerReward,
     OverlongPenalty,

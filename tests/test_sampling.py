@@ -19,9 +19,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gspo_components.sampling import TransformersSampler, VLLMSampler
-from gspo_components.scoring import response_log_probs
-from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3
+from gspo_components.rollout.sampling import TransformersSampler, VLLMSampler
+from gspo_components.rollout.scoring import response_log_probs
+from gspo_components.testing.tiny import build_char_tokenizer, build_tiny_qwen3
 
 ALPHABET = "0123456789+-*= "
 TEMPERATURE = 0.8

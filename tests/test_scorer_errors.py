@@ -14,8 +14,8 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from gspo_components.scoring import Scorer, response_log_probs
-from gspo_components.tiny import build_tiny_qwen3
+from gspo_components.rollout.scoring import Scorer, response_log_probs
+from gspo_components.testing.tiny import build_tiny_qwen3
 
 VOCAB = 16
 

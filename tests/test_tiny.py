@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3, supervised_step
+from gspo_components.testing.tiny import build_char_tokenizer, build_tiny_qwen3, supervised_step
 
 EXAMPLES = [("12+3=", "15"), ("7+8=", "15"), ("100+1=", "101"), ("9+=", "")]
 

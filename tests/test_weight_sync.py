@@ -16,9 +16,9 @@ import pytest
 import torch
 from sync_checks import max_logprob_gap, reinforce_update
 
-from gspo_components.sampling import TransformersSampler, VLLMSampler
-from gspo_components.scoring import Scorer
-from gspo_components.tiny import build_char_tokenizer, build_tiny_qwen3
+from gspo_components.rollout.sampling import TransformersSampler, VLLMSampler
+from gspo_components.rollout.scoring import Scorer
+from gspo_components.testing.tiny import build_char_tokenizer, build_tiny_qwen3
 
 ALPHABET = "0123456789+-*= "
 TEMPERATURE = 0.9
@@ -148,8 +148,8 @@ def test_resume_with_a_rebuilt_seeded_engine_sampler_is_identical(model_dir, sam
     from transformers import AutoModelForCausalLM
 
     import gspo_components as gc
-    from gspo_components.loop import PromptBatch, RLConfig, train
-    from gspo_components.rewards import FormatReward
+    from gspo_components.rollout.loop import PromptBatch, RLConfig, train
+    from gspo_components.rollout.rewards import FormatReward
 
     timing_keys = {"seconds", "tokens_per_s", "sample_tokens_per_s"}
     as_new = {"rng": torch.Generator().manual_seed(0).get_state()}  # a rebuilt sampler's state

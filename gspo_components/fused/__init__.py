@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from .._checks import check_float, check_range
+from ..loss._checks import check_float, check_range
 from .torch_chunked import ChunkedLinearLogProbs
 
 __all__ = ["BACKENDS", "default_chunk_size", "linear_log_probs", "resolve_backend"]

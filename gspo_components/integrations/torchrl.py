@@ -47,9 +47,9 @@ from tensordict import LazyStackedTensorDict, NestedKey, TensorDict, TensorDictB
 from tensordict.nn import TensorDictModuleBase
 from torchrl.objectives import LossModule
 
-from .._module import key_of
-from ..aggregation import LossNormalizers, step_normalizers
-from ..recipes import PolicyLoss, Recipe
+from ..loss._module import key_of
+from ..loss.aggregation import LossNormalizers, step_normalizers
+from ..loss.recipes import PolicyLoss, Recipe
 
 __all__ = ["RecipeLoss", "compact_response"]
 

@@ -49,9 +49,9 @@ import torch
 from tensordict import NestedKey, TensorDict
 from trl import GRPOTrainer
 
-from .._module import key_of
-from ..aggregation import LossNormalizers, step_normalizers
-from ..recipes import Recipe
+from ..loss._module import key_of
+from ..loss.aggregation import LossNormalizers, step_normalizers
+from ..loss.recipes import Recipe
 
 __all__ = ["RecipeGRPOTrainer", "trl_batch_to_tensordict"]
 

@@ -9,7 +9,7 @@ registry and calls them with keywords::
 
 :func:`register_verl_losses` registers one such function per recipe through verl's own
 ``register_policy_loss``, under ``prefix + recipe`` (``"gspo_components/gspo_token"``, ...).
-Each function runs the recipe's :class:`~gspo_components.recipes.PolicyLoss` (weighter, clipper,
+Each function runs the recipe's :class:`~gspo_components.loss.recipes.PolicyLoss` (weighter, clipper,
 objective) on the tensors verl hands it:
 
 - **aggregation**: verl's ``loss_agg_mode`` (``token-mean``, ``seq-mean-token-mean``,
@@ -20,7 +20,7 @@ objective) on the tensors verl hands it:
 - **normalisers**: from ``config.global_batch_info`` (``batch_num_tokens``,
   ``global_batch_size``, ``loss_scale_factor``, ``dp_size``), which verl fills so that
   micro-batch losses add up to the mini-batch loss across gradient accumulation and ranks. They
-  become a :class:`~gspo_components.aggregation.LossNormalizers`; a missing entry falls back to
+  become a :class:`~gspo_components.loss.aggregation.LossNormalizers`; a missing entry falls back to
   this micro-batch's own count, as in verl's ``agg_loss``.
 - **clip range**: ``config.clip_ratio_low`` / ``config.clip_ratio_high`` (each falling back to
   ``config.clip_ratio``), or the recipe's defaults when ``config`` is None. CISPO reads only
@@ -51,10 +51,10 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from .. import recipes as _recipes
-from .._checks import check_mask, compute_dtype
-from ..aggregation import AGGREGATIONS, LossNormalizers, local_normalizers
-from ..recipes import PolicyLoss
+from ..loss import recipes as _recipes
+from ..loss._checks import check_mask, compute_dtype
+from ..loss.aggregation import AGGREGATIONS, LossNormalizers, local_normalizers
+from ..loss.recipes import PolicyLoss
 
 __all__ = ["DEFAULT_PREFIX", "RECIPE_NAMES", "register_verl_losses", "verl_policy_loss"]
 

@@ -2,10 +2,10 @@
 
     loss = agg(token_loss · is_weights) + β · agg(KL_t) − c_H · agg(H_t)
 
-where ``agg`` is one of :data:`~gspo_components.aggregation.AGGREGATIONS`, ``is_weights`` are the
+where ``agg`` is one of :data:`~gspo_components.loss.aggregation.AGGREGATIONS`, ``is_weights`` are the
 detached rollout-correction factors when the batch carries them (TIS/MIS, see
-:mod:`gspo_components.rollout_correction`), KL_t a per-token estimator (k1/k2/k3, see
-:mod:`gspo_components.kl`) with coefficient β (GRPO, arXiv 2402.03300 eq. 3, puts it inside the
+:mod:`gspo_components.loss.rollout_correction`), KL_t a per-token estimator (k1/k2/k3, see
+:mod:`gspo_components.loss.kl`) with coefficient β (GRPO, arXiv 2402.03300 eq. 3, puts it inside the
 same per-sequence mean), and H_t the per-token entropy when the batch carries ``entropy``.
 
 The output is a *new* TensorDict of batch size ``[]``: the differentiable ``loss`` and detached
@@ -123,7 +123,7 @@ def _reduce_rows(
     row_mean: torch.Tensor | None,
     norm: tuple[Number, Number, Number, int],
 ) -> torch.Tensor:
-    """The aggregation (module table of :mod:`gspo_components.aggregation`) from per-row sums
+    """The aggregation (module table of :mod:`gspo_components.loss.aggregation`) from per-row sums
     Σ_t v_{i,t} and, for ``seq-mean-token-mean``, per-row means (0 for an empty row)."""
     tokens, seqs, width, replicas = norm
     if aggregation == "token-mean":
@@ -424,7 +424,7 @@ class Objective(KeyedModule):
     ``ref_log_probs``. Returns a new TensorDict of batch size ``[]`` (see the module docstring).
 
     Args:
-        aggregation: one of :data:`~gspo_components.aggregation.AGGREGATIONS`.
+        aggregation: one of :data:`~gspo_components.loss.aggregation.AGGREGATIONS`.
         kl_coef: β ≥ 0; 0 disables the reference term.
         kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
         entropy_coef: c_H; the loss subtracts c_H · agg(entropy) (needs an ``entropy`` entry).

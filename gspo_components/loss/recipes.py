@@ -189,7 +189,7 @@ class Recipe:
     def step_normalizers(
         self, micro_batches: torch.Tensor | Iterable[object], **kwargs: object
     ) -> LossNormalizers:
-        """:func:`~gspo_components.aggregation.step_normalizers` with this recipe's objective
+        """:func:`~gspo_components.loss.aggregation.step_normalizers` with this recipe's objective
         settings (``max_length``, ``sync_ranks``, ``process_group``) as defaults."""
         objective = self.loss.objective
         kwargs.setdefault("max_length", objective.max_length)

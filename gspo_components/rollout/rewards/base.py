@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tensordict import TensorDictBase
 
-from .._module import KeyedModule, KeyOverrides
+from ...loss._module import KeyedModule, KeyOverrides
 
 __all__ = ["RewardFailure", "RewardFn", "RewardTimeout", "as_list", "preview"]
 

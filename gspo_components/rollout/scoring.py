@@ -44,12 +44,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from tensordict import TensorDictBase
 
-from ._checks import check_mask, check_range
-from ._module import KeyedModule, KeyOverrides
-from .fused import linear_log_probs
+from ..fused import linear_log_probs
+from ..loss._checks import check_mask, check_range
+from ..loss._module import KeyedModule, KeyOverrides
 
 if TYPE_CHECKING:
-    from .moe import RoutingReplay
+    from ..moe import RoutingReplay
 
 __all__ = ["Scorer", "response_log_probs"]
 
@@ -322,7 +322,7 @@ class Scorer(KeyedModule):
             raise ValueError("Scorer: routing_replay must be a RoutingReplay of this Scorer's model")
         self.routing_replay = None
         if routing is not None:
-            from .moe import RoutingReplay
+            from ..moe import RoutingReplay
 
             self.routing_replay = routing_replay if routing_replay is not None else RoutingReplay(model)
         self.temperature = check_range("Scorer", "temperature", temperature, 0.0, None, low_inclusive=False)
@@ -376,7 +376,7 @@ class Scorer(KeyedModule):
                 out = run()
             routing = rec.routed_experts
         else:
-            from .moe import routing_mask
+            from ..moe import routing_mask
 
             routed = self._read(td, "routed_experts")
             replay = self.routing_replay

@@ -7,7 +7,7 @@
 - :class:`TransformersSampler`: the same contract on ``model.generate``; no engine needed.
 
 Both report ℓ^rollout_{i,t} = log softmax(z_{i,t} / τ)[y_{i,t}] in float32, the quantity the
-:class:`~gspo_components.scoring.Scorer` recomputes with ``temperature=τ``. vLLM is imported only when a
+:class:`~gspo_components.rollout.scoring.Scorer` recomputes with ``temperature=τ``. vLLM is imported only when a
 VLLMSampler is built, transformers when a TransformersSampler is.
 """
 

@@ -9,7 +9,7 @@ distribution a token was drawn from when τ ≠ 1. This sampler starts the engin
 
     ℓ^rollout_{i,t} = log softmax(z_{i,t} / τ)[y_{i,t}],
 
-the same quantity :class:`~gspo_components.scoring.Scorer` computes with ``temperature=τ`` (no top-k,
+the same quantity :class:`~gspo_components.rollout.scoring.Scorer` computes with ``temperature=τ`` (no top-k,
 top-p, min-p or penalties are applied; the model's ``generation_config`` sampling defaults are
 ignored).
 
@@ -87,7 +87,7 @@ MAX_MODEL_LEN_CAP = 4096
 """Default upper bound on ``max_model_len`` (the model's own context may be far longer)."""
 _KV_SEQS = 64
 _KV_MIN, _KV_MAX = 64 << 20, 2 << 30
-_EXTENSION = "gspo_components.sampling.vllm_sampler.WeightSyncExtension"
+_EXTENSION = "gspo_components.rollout.sampling.vllm_sampler.WeightSyncExtension"
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 
@@ -219,7 +219,7 @@ class VLLMSampler(SamplerState):
     Calling ``sampler(prompts)`` with P prompts (strings, or lists of token ids) returns a
     TensorDict of batch size [P·n] with ``prompt_ids``, ``prompt_mask``, ``response_ids``,
     ``response_mask``, ``rollout_log_probs`` (float32), ``truncated``, ``group_ids``,
-    ``prompt_text`` and ``response_text`` (see :mod:`gspo_components.sampling._batch`). Responses
+    ``prompt_text`` and ``response_text`` (see :mod:`gspo_components.rollout.sampling._batch`). Responses
     include their end-of-sequence token; ``response_text`` omits special tokens.
     """
 
@@ -362,7 +362,7 @@ class VLLMSampler(SamplerState):
         response_text = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         td = build_rollout(ids, texts, self.n, response_ids, log_probs, truncated, response_text, self.pad_id)
         if self.return_routed_experts:
-            from ..moe import routing_dtype, to_scorer_layout
+            from ...moe import routing_dtype, to_scorer_layout
 
             layers, top_k = (int(routing[0].shape[1]), int(routing[0].shape[2])) if routing else (0, 0)
             experts = int(self.llm.llm_engine.model_config.get_num_experts() or 256)

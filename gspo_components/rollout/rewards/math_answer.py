@@ -7,7 +7,7 @@ and compares them symbolically, so ``\\boxed{1/2}`` matches ``0.5`` and ``12+34=
 math-verify's own timeouts use ``signal.alarm``: they fail in any thread but the main one, and a
 parse that times out returns ``[]``, which would score as a *valid* wrong answer. So its timeouts
 are switched off here (``parsing_timeout=None``, ``timeout_seconds=None``) and the per-sample
-timeout of :class:`~gspo_components.rewards.RewardFn` bounds parse and verify together: a sample
+timeout of :class:`~gspo_components.rollout.rewards.RewardFn` bounds parse and verify together: a sample
 that runs over fails (``reward_valid = False``), in the main thread or any other.
 
 Input length is bounded before math-verify sees it. Of a response longer than
@@ -46,7 +46,7 @@ class MathAnswerReward(RewardFn):
             (default 4096).
         max_answer_chars: a longer reference answer fails the sample (default 1024).
         out_key, in_keys: key overrides (``in_keys={"answer": "gold"}``).
-        timeout, warn: see :class:`~gspo_components.rewards.RewardFn` (the timeout bounds parse
+        timeout, warn: see :class:`~gspo_components.rollout.rewards.RewardFn` (the timeout bounds parse
             and verify together, per sample).
     """
 

@@ -8,7 +8,7 @@ logits processor that replaces the scores by ``log_softmax(z / τ)`` in float32 
 
     ℓ^rollout_{i,t} = log softmax(z_{i,t} / τ)[y_{i,t}],
 
-the quantity :class:`~gspo_components.scoring.Scorer` computes with ``temperature=τ``. Only one step's
+the quantity :class:`~gspo_components.rollout.scoring.Scorer` computes with ``temperature=τ``. Only one step's
 [rows, V] log-probs is kept at a time (not ``output_scores``' [rows, T, V]).
 
 Layout. Prompts are left-padded for ``generate`` (positions count valid tokens only, so padding
@@ -99,7 +99,7 @@ class TransformersSampler(SamplerState):
         return_routed_experts: also return ``routed_experts`` (module doc); needs an MoE model.
 
     Returns (from ``sampler(prompts)``): the TensorDict described in
-    :mod:`gspo_components.sampling._batch`, batch size [P·n].
+    :mod:`gspo_components.rollout.sampling._batch`, batch size [P·n].
     """
 
     out_keys: tuple[str, ...] = ROLLOUT_KEYS
@@ -162,7 +162,7 @@ class TransformersSampler(SamplerState):
         self._rng = None if seed is None else torch.Generator().manual_seed(int(seed))
         self.routing_replay = None
         if return_routed_experts:
-            from ..moe import RoutingReplay
+            from ...moe import RoutingReplay
 
             self.routing_replay = RoutingReplay(self.model)  # ValueError for a dense model
             self.out_keys = (*ROLLOUT_KEYS, "routed_experts")
@@ -190,7 +190,7 @@ class TransformersSampler(SamplerState):
         response_text = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         td = build_rollout(ids, texts, self.n, response_ids, log_probs, truncated, response_text, self.pad_id)
         if self.routing_replay is not None:
-            from ..moe import to_scorer_layout
+            from ...moe import to_scorer_layout
 
             td.set(
                 "routed_experts",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDictBase
 
-from .._checks import check_mask, check_range
+from ...loss._checks import check_mask, check_range
 from .base import RewardFn
 
 __all__ = ["OverlongPenalty", "overlong_penalty"]

@@ -32,7 +32,7 @@ class ReasoningGymReward(RewardFn):
     dataset: a reasoning-gym dataset name (``"basic_arithmetic"``) or a dataset object.
     size, seed, **config: passed to ``reasoning_gym.create_dataset`` for a name.
     extract: response text → answer string.
-    warn, timeout: see :class:`~gspo_components.rewards.RewardFn`.
+    warn, timeout: see :class:`~gspo_components.rollout.rewards.RewardFn`.
     """
 
     fields = ("response_text", "data_index")

@@ -1,6 +1,6 @@
 """Metrics loggers for the reference loop: a three-method protocol and two implementations.
 
-:func:`gspo_components.loop.train` sends each step's metrics (a flat ``dict[str, float]``,
+:func:`gspo_components.rollout.loop.train` sends each step's metrics (a flat ``dict[str, float]``,
 ``step`` included) to every logger it has. A logger is any object with
 
 - ``start(step)``: called once before the loop's first step, with the step the run starts
@@ -46,7 +46,7 @@ def check_logger(where: str, name: str, logger: object) -> MetricsLogger:
     if missing:
         raise ValueError(
             f"{where}: {name!r} must have the methods start(step), log(step, metrics) and close() "
-            f"(gspo_components.metrics_log.MetricsLogger); {type(logger).__name__} lacks {missing}"
+            f"(gspo_components.rollout.metrics_log.MetricsLogger); {type(logger).__name__} lacks {missing}"
         )
     return logger  # type: ignore[return-value]
 

@@ -24,10 +24,10 @@ over the step's minibatches), measured in the π_θ forwards with or without rep
 
 It logs reward, accuracy, the gradient norm before clipping (``grad_norm``, mean over the
 minibatches), clip fractions, KL, entropy, ratio statistics, ``skipped_updates`` and tokens/s
-through its loggers (:mod:`gspo_components.metrics_log`: JSON lines for ``log_path``, or any
+through its loggers (:mod:`gspo_components.rollout.metrics_log`: JSON lines for ``log_path``, or any
 object passed as ``logger=``) and a progress bar, and saves / resumes checkpoints (policy,
 optimizer, learning-rate scheduler, sampler state, step, history, RNG; see
-:mod:`gspo_components.checkpoint`). An optional ``lr_scheduler`` is stepped once per RL step,
+:mod:`gspo_components.rollout.checkpoint`). An optional ``lr_scheduler`` is stepped once per RL step,
 after the updates. The sampler's state (its seed generator, when the sampler has
 ``state_dict``/``load_state_dict``) is checkpointed too, so a resume with a sampler rebuilt
 with the same ``seed`` draws the same samples as an uninterrupted run.
@@ -58,12 +58,12 @@ from typing import Any, Literal, Protocol
 import torch
 from tensordict import NestedKey, NonTensorStack, TensorDictBase
 
-from ._checks import check_mask
-from ._module import key_of
+from ..loss._checks import check_mask
+from ..loss._module import key_of
+from ..loss.recipes import Recipe
+from ..moe import RoutingReplay, routing_mask, routing_metrics
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .metrics_log import JSONLinesLogger, MetricsLogger, check_logger
-from .moe import RoutingReplay, routing_mask, routing_metrics
-from .recipes import Recipe
 from .scoring import Scorer
 
 __all__ = ["PromptBatch", "RLConfig", "Sampler", "train"]
@@ -424,7 +424,7 @@ def train(
     ``reference`` is scored into ``ref_log_probs`` when the recipe uses a KL term (then it is
     required). ``lr_scheduler`` (any ``torch.optim.lr_scheduler``) is stepped once per RL step;
     the learning rate used by the step is logged as ``lr``. ``logger`` (any object with
-    ``start``/``log``/``close``, :mod:`gspo_components.metrics_log`) receives each step's
+    ``start``/``log``/``close``, :mod:`gspo_components.rollout.metrics_log`) receives each step's
     metrics, besides the JSON-lines file of ``config.log_path``.
 
     ``group_filter(td)``, when given, runs between the rewards and the advantages on the step's

@@ -54,7 +54,7 @@ def _masked_token_log_ratio(
     checks: DeferredChecks | None = None,
 ) -> tuple[torch.Tensor, Padding]:
     """Validate once and return (d, padding): d = where(m, ℓ − sg[ℓ^old], 0) [N, T] in the
-    compute dtype, and the call's :class:`~gspo_components._masking.Padding` (mask, L_i).
+    compute dtype, and the call's :class:`~gspo_components.loss._masking.Padding` (mask, L_i).
 
     One masking after the subtraction suffices: the backward of a subtraction passes the
     incoming gradient on unchanged (never multiplied by an input), and the masking sends exactly
@@ -116,7 +116,7 @@ def sequence_log_ratio(
     log_ratio[i, t] = log s_i = (1/L_i) Σ_t' (ℓ_{i,t'} − ℓ^old_{i,t'})  (GSPO eq. 7), so that
     s_i = (Π_t w_{i,t})^{1/L_i} is the geometric mean of the token ratios. The gradient flows to
     every token of the row with weight 1/L_i. This is *not* the product of the token ratios; the
-    product is a rollout-correction weight (:mod:`gspo_components.rollout_correction`).
+    product is a rollout-correction weight (:mod:`gspo_components.loss.rollout_correction`).
     """
     d, pad = _masked_token_log_ratio("sequence_log_ratio", log_probs, old_log_probs, response_mask)
     return pad.zero(_row_mean(d, pad.lengths).unsqueeze(-1))
