@@ -1,4 +1,4 @@
-"""Hypothesis strategies for the property tests (ALGORITHMS.md, "Properties").
+"""Hypothesis strategies for the property tests (docs/algorithms.md, "Properties").
 
 Batches follow the drawing rules there: masks with L_i ≥ 1, lengths 1..64, log-ratios from 0 to
 ±20, advantages of both signs, and padding filled with garbage (NaN, ±inf, huge values). The

@@ -1,4 +1,4 @@
-"""AdvantageEstimator tests: property 9 of ALGORITHMS.md, and the estimators' exact values.
+"""AdvantageEstimator tests: property 9 of docs/algorithms.md, and the estimators' exact values.
 
 Proves, for the group-normalised (GRPO), group-mean (Dr.GRPO), leave-one-out (RLOO) and
 batch-whitened (REINFORCE++-baseline) estimators:
@@ -10,7 +10,7 @@ batch-whitened (REINFORCE++-baseline) estimators:
 - group locality: changing group k's rewards leaves every other group's advantages bit-identical;
 - permuting the samples permutes the advantages;
 - zero-variance groups, single-sample groups included, give exactly 0;
-- values equal an independent per-group reference written from ALGORITHMS.md (Bessel std, eps,
+- values equal an independent per-group reference written from docs/algorithms.md (Bessel std, eps,
   RLOO computed literally as leave-one-out, batch whitening per its docstring);
 - ``reward_valid``: invalid samples get 0 and take no part in their group's statistics;
 - non-finite rewards on valid samples raise ``ValueError``;
@@ -73,7 +73,7 @@ def _is_constant(values: list[float]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent references, written from ALGORITHMS.md with Python floats and a loop over groups.
+# Independent references, written from docs/algorithms.md with Python floats and a loop over groups.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -100,7 +100,7 @@ def reference_advantages(
     eps: float = 1e-6,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The advantage of ALGORITHMS.md, computed one group at a time."""
+    """The advantage of docs/algorithms.md, computed one group at a time."""
     n = rewards.shape[0]
     if valid is None:
         valid = torch.ones(n, dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""Validation tests: DESIGN.md "Validate at the module boundary".
+"""Validation tests: validation at the module boundary (docs/concepts.md, "Padding and dtype rules").
 
 Proves that each malformed input in a table raises ``ValueError`` whose message names the key or
 argument, states what was expected and says what came; and that valid but unusual inputs (0/1

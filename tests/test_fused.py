@@ -1,4 +1,4 @@
-"""Fused log-probs tests: property 15 of ALGORITHMS.md for ``linear_log_probs(backend="torch")``.
+"""Fused log-probs tests: property 15 of docs/algorithms.md for ``linear_log_probs(backend="torch")``.
 
 Every reference below is an independent float64 computation written here: the logits
 ``(h Wᵀ + b) / τ`` are materialised in float64 from the inputs *as given* (bf16 inputs are

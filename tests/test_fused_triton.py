@@ -1,4 +1,4 @@
-"""Fused log-probs tests for ``linear_log_probs(backend="triton")`` (property 15 of ALGORITHMS.md).
+"""Fused log-probs tests for ``linear_log_probs(backend="triton")`` (property 15 of docs/algorithms.md).
 
 Without a GPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py before the kernel
 module is imported) on CPU tensors; with one, every test here runs the compiled kernels on CUDA

@@ -1,4 +1,4 @@
-"""KL-penalty tests: property 13 of ALGORITHMS.md, and the KL term of the Objective.
+"""KL-penalty tests: property 13 of docs/algorithms.md, and the KL term of the Objective.
 
 Proves:
 
@@ -147,7 +147,7 @@ def test_unknown_estimator() -> None:
 
 
 def aggregate_reference(values: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
-    """The four aggregations of ALGORITHMS.md / DESIGN.md, one row at a time; rows with no valid
+    """The four aggregations of docs/objective.md, one row at a time; rows with no valid
     token do not count as sequences; L_norm is the padded width."""
     rows = []
     for i in range(mask.shape[0]):

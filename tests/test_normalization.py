@@ -1,4 +1,4 @@
-"""Normaliser tests: property 12 of ALGORITHMS.md (micro-batching and data parallelism).
+"""Normaliser tests: property 12 of docs/algorithms.md (micro-batching and data parallelism).
 
 Proves, for every aggregation in ``AGGREGATIONS`` and the recipes grpo, gspo, gspo_token,
 dr_grpo, dapo and cispo:

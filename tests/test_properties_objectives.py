@@ -1,7 +1,7 @@
-"""Property-based tests of the objectives: properties 1–8, 10, 11 and 14 of ALGORITHMS.md.
+"""Property-based tests of the objectives: properties 1–8, 10, 11 and 14 of docs/algorithms.md.
 
 Every expected value comes from an independent float64 reference written below from the
-formulas of ALGORITHMS.md (a per-row loop over the valid tokens, exact row sums with
+formulas of docs/algorithms.md (a per-row loop over the valid tokens, exact row sums with
 ``math.fsum``, min-form surrogates and hand-derived gradients); the code under test is never used
 to produce an expected value. Tolerances: float64 rtol 1e-10 (plus 1e-12 of the magnitude of the
 summed terms, for values that cancel to near 0).
@@ -89,7 +89,7 @@ def _one_thread() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The independent reference (ALGORITHMS.md, "The objectives")
+# The independent reference (docs/algorithms.md, "The objective")
 # ---------------------------------------------------------------------------------------------
 
 
@@ -243,7 +243,7 @@ def assert_close(
 # Recipes under test, with the Spec the reference needs
 # ---------------------------------------------------------------------------------------------
 
-# name: (level, clipper, default eps_low, default eps_high, default aggregation) from DESIGN.md
+# name: (level, clipper, default eps_low, default eps_high, default aggregation) from docs/recipes.md
 DEFAULTS: dict[str, tuple[str, str, float | None, float, str]] = {
     "grpo": ("token", "ppo", 0.2, 0.2, "seq-mean-token-mean"),
     "gspo": ("sequence", "ppo", 3e-4, 4e-4, "seq-mean-token-mean"),

@@ -1,4 +1,4 @@
-"""Rollout-correction tests (TIS / MIS; ALGORITHMS.md "Variants", DESIGN.md "ImportanceWeighter").
+"""Rollout-correction tests (TIS / MIS; docs/algorithms.md "Rollout correction", docs/importance.md).
 
 Proves:
 

@@ -6,7 +6,7 @@ engine start costs tens of seconds on 2 cores).
 
 What is checked, for both samplers:
 
-- the keys, shapes and dtypes of DESIGN.md's schema, prompt-major rows and ``group_ids``;
+- the keys, shapes and dtypes of the key schema (docs/concepts.md), prompt-major rows and ``group_ids``;
 - right padding (masks are prefixes), the end-of-sequence token ending every non-truncated
   response, ``truncated`` exactly for responses that hit the token limit without it;
 - ``rollout_log_probs`` equal the Scorer's recomputation of log softmax(z / τ) in float32, and

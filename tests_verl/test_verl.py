@@ -235,7 +235,7 @@ def test_every_shared_aggregation_with_global_batch_info(data: st.DataObject) ->
 @given(batch=verl_batches(sequence_advantages=True, weights=False))
 def test_gspo_recipe_is_verl_gspo_for_sequence_advantages(batch: Batch) -> None:
     """GSPO (the sequence-level weighter) equals verl's GSPO-token form when every token of a
-    response has the response's advantage (ALGORITHMS.md property 1), to fp64 rounding. (Not with
+    response has the response's advantage (property 1 of docs/algorithms.md), to fp64 rounding. (Not with
     per-token IS weights: GSPO's gradient spreads each token's weight over its whole sequence.)"""
     config = actor_config()
     loss, grad, _ = run(ours("gspo"), batch, "seq-mean-token-mean", config)
