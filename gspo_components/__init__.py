@@ -1,24 +1,28 @@
 """gspo_components: small, swappable parts for RL on language models.
 
-Roles (each a TensorDict module backed by a pure function on plain tensors):
+Roles (each a TensorDict module backed by a pure function on plain tensors; the role bases are
+public, so a new part subclasses one and implements one method, see docs/extending.md):
 
-- AdvantageEstimator: :class:`GroupNormalizedAdvantage`, :class:`GroupMeanAdvantage`,
+- :class:`AdvantageEstimator`: :class:`GroupNormalizedAdvantage`, :class:`GroupMeanAdvantage`,
   :class:`LeaveOneOutAdvantage`, :class:`BatchWhitenedAdvantage`, :class:`PerTokenAdvantage`
-- ImportanceWeighter: :class:`TokenLogRatio`, :class:`SequenceLogRatio` (GSPO's geometric mean),
-  :class:`SequenceTokenLogRatio` (GSPO-token); rollout correction: :class:`RolloutCorrection`
-- Clipper: :class:`PPOClip` (asymmetric ε, dual clip), :class:`CISPOClip`, :class:`SAPOGate`,
-  :class:`NoClip`
-- Objective: :class:`Objective` with four aggregations, KL and entropy terms, exact normalisers
+- :class:`ImportanceWeighter`: :class:`TokenLogRatio`, :class:`SequenceLogRatio` (GSPO's
+  geometric mean), :class:`SequenceTokenLogRatio` (GSPO-token); rollout correction:
+  :class:`RolloutCorrection`
+- :class:`Clipper`: :class:`PPOClip` (asymmetric ε, dual clip), :class:`CISPOClip`,
+  :class:`SAPOGate`, :class:`NoClip`, GMPO's ``GMPOClip``
+- :class:`TokenFilter`: optional parts that take tokens or responses out of the loss
+- :class:`Objective`: four aggregations, KL and entropy terms, exact normalisers
 
-Value checks (host synchronisations) can be switched off: :func:`set_validation`,
-:func:`validation`.
+Numeric helpers for new parts: :mod:`gspo_components.loss.numerics`. Value checks (host
+synchronisations) can be switched off: :func:`set_validation`, :func:`validation`.
 
-Recipes compose one part per role: :func:`grpo`, :func:`gspo`, :func:`gspo_token`,
-:func:`dr_grpo`, :func:`dapo`, :func:`cispo`.
+Recipes compose one part per role (:func:`compose`); :data:`RECIPES` maps every stock recipe's
+name to its factory, and each is importable from here by that name (``gspo_components.gmpo``).
 """
 
 from .loss._validation import is_validating, set_validation, validation
 from .loss.advantages import (
+    AdvantageEstimator,
     BatchWhitenedAdvantage,
     GroupMeanAdvantage,
     GroupNormalizedAdvantage,
@@ -32,6 +36,7 @@ from .loss.advantages import (
 from .loss.aggregation import AGGREGATIONS, LossNormalizers, aggregate, local_normalizers, step_normalizers
 from .loss.clipping import (
     CISPOClip,
+    Clipper,
     NoClip,
     PPOClip,
     SAPOGate,
@@ -40,7 +45,9 @@ from .loss.clipping import (
     sapo_loss,
     unclipped_loss,
 )
+from .loss.filters import TokenFilter
 from .loss.importance import (
+    ImportanceWeighter,
     SequenceLogRatio,
     SequenceTokenLogRatio,
     TokenLogRatio,
@@ -51,13 +58,22 @@ from .loss.importance import (
 )
 from .loss.kl import kl_penalty
 from .loss.objective import Objective, loss_metrics, objective_loss
-from .loss.recipes import PolicyLoss, Recipe, cispo, dapo, dr_grpo, grpo, gspo, gspo_token
+from .loss.recipes import PolicyLoss, Recipe, compose
+from .loss.registry import RECIPES
 from .loss.rollout_correction import RolloutCorrection, rollout_correction_weights
 
 __version__ = "0.1.0"
 
+globals().update(RECIPES)  # every stock recipe by its name: gspo_components.grpo, .gmpo, ...
+
 __all__ = [
     "AGGREGATIONS",
+    "AdvantageEstimator",
+    "Clipper",
+    "ImportanceWeighter",
+    "RECIPES",
+    "TokenFilter",
+    "compose",
     "BatchWhitenedAdvantage",
     "CISPOClip",
     "GroupMeanAdvantage",
@@ -77,15 +93,9 @@ __all__ = [
     "TokenLogRatio",
     "aggregate",
     "batch_whitened_advantages",
-    "cispo",
     "cispo_loss",
-    "dapo",
-    "dr_grpo",
     "group_mean_advantages",
     "group_normalized_advantages",
-    "grpo",
-    "gspo",
-    "gspo_token",
     "is_validating",
     "kl_penalty",
     "leave_one_out_advantages",
@@ -103,4 +113,5 @@ __all__ = [
     "token_log_ratio",
     "unclipped_loss",
     "validation",
+    *RECIPES,
 ]

@@ -46,6 +46,7 @@ from ._checks import check_float, check_mask, check_range, compute_dtype
 from ._module import KeyedModule, KeyOverrides
 
 __all__ = [
+    "AdvantageEstimator",
     "BatchWhitenedAdvantage",
     "GroupMeanAdvantage",
     "GroupNormalizedAdvantage",
@@ -290,20 +291,39 @@ def batch_whitened_advantages(
     return _finish(where, stats, x / (std + eps_scaled))
 
 
-class _GroupAdvantageModule(KeyedModule):
-    """Reads ``rewards`` [N], ``group_ids`` [N] (and ``reward_valid`` [N] if present); writes
-    ``advantages`` [N]."""
+class AdvantageEstimator(KeyedModule):
+    """The AdvantageEstimator role: reads ``rewards`` [N], ``group_ids`` [N] (and ``reward_valid``
+    [N] when present); writes ``advantages`` [N].
 
-    def __init__(self, in_keys: KeyOverrides, out_keys: KeyOverrides) -> None:
+    A new estimator subclasses this and implements :meth:`estimate`; :func:`group_statistics`
+    gives the exact per-group count, mean, Bessel std and centred rewards it will usually need::
+
+        class GroupMedianBaseline(AdvantageEstimator):
+            def estimate(self, rewards, group_ids, valid):
+                ...
+
+    ``per_token = True`` declares an estimator that writes [N, T] advantages; a recipe refuses it
+    with a weighter whose ratio is one number per response.
+    """
+
+    per_token: bool = False
+
+    def __init__(self, *, in_keys: KeyOverrides = None, out_keys: KeyOverrides = None) -> None:
         super().__init__()
         self._setup_keys(
             ("rewards", "group_ids"), ("advantages",), in_keys, out_keys, optional_in_names=("reward_valid",)
         )
 
+    def estimate(
+        self, rewards: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Â [N] from the raw ``rewards`` [N], ``group_ids`` [N] and the optional ``valid`` mask [N]."""
+        raise NotImplementedError(f"{type(self).__name__} must implement estimate(rewards, group_ids, valid)")
+
     def _estimate(
         self, rewards: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor | None
     ) -> torch.Tensor:
-        return group_mean_advantages(rewards, group_ids, valid=valid)
+        return self.estimate(rewards, group_ids, valid)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         td = self._check_td(tensordict)
@@ -312,6 +332,18 @@ class _GroupAdvantageModule(KeyedModule):
         )
         td.set(self._out_map["advantages"], adv)
         return td
+
+
+class _GroupAdvantageModule(AdvantageEstimator):
+    """A stock group estimator, with keys passed positionally."""
+
+    def __init__(self, in_keys: KeyOverrides, out_keys: KeyOverrides) -> None:
+        super().__init__(in_keys=in_keys, out_keys=out_keys)
+
+    def estimate(
+        self, rewards: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        return group_mean_advantages(rewards, group_ids, valid=valid)
 
 
 class GroupNormalizedAdvantage(_GroupAdvantageModule):
@@ -365,7 +397,7 @@ class BatchWhitenedAdvantage(_GroupAdvantageModule):
         return f"eps={self.eps}"
 
 
-class PerTokenAdvantage(KeyedModule):
+class PerTokenAdvantage(AdvantageEstimator):
     """Per-token advantages Â_{i,t} for GSPO-token (GSPO eq. 13), passed through unchanged.
 
     Reads ``token_advantages`` [N, T] (float; checked against ``response_mask``) and writes it,
@@ -374,8 +406,10 @@ class PerTokenAdvantage(KeyedModule):
     values are left as they are, NaN included; every loss-side part masks them.
     """
 
+    per_token = True
+
     def __init__(self, *, in_keys: KeyOverrides = None, out_keys: KeyOverrides = None) -> None:
-        super().__init__()
+        KeyedModule.__init__(self)
         self._setup_keys(("token_advantages", "response_mask"), ("advantages",), in_keys, out_keys)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:

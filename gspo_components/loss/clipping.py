@@ -46,11 +46,12 @@ from ._checks import (
     check_range,
     compute_dtype,
 )
-from ._masking import Padding, clamped_exp, select
 from ._module import KeyedModule, KeyOverrides
+from .numerics import DEFAULT_MAX_LOG_RATIO, Padding, clamped_exp, select
 
 __all__ = [
     "CISPOClip",
+    "Clipper",
     "NoClip",
     "PPOClip",
     "SAPOGate",
@@ -59,8 +60,6 @@ __all__ = [
     "sapo_loss",
     "unclipped_loss",
 ]
-
-DEFAULT_MAX_LOG_RATIO = 20.0
 
 # A kernel returns (−J, C, C_high, e): C_high marks the clipped tokens with w > 1 (the others have
 # w < 1: a stock clipper never clips w = 1), and e = exp(log_ratio) unclamped and detached, both
@@ -318,12 +317,135 @@ def unclipped_loss(
     return _finish(*_unclipped_kernel(lr, adv, max_log_ratio=max_log_ratio), pad)
 
 
-class _ClipperModule(KeyedModule):
-    """Reads ``log_ratio``, ``advantages``, ``response_mask``; writes ``token_loss``, ``clipped``.
+class Clipper(KeyedModule):
+    """The Clipper role: reads ``log_ratio``, ``advantages``, ``response_mask`` (and the extra
+    inputs named in ``inputs``); writes ``token_loss`` (−J, to be minimised) and ``clipped``.
 
-    A thin shell around one of the pure functions above, with its hyper-parameters bound and
-    validated at construction.
+    A new clipper subclasses this and implements :meth:`surrogate` on clean tensors; the keys,
+    the validation, the padding and the float32 upcast are handled here::
+
+        class HardGate(Clipper):
+            def __init__(self, band: float = 0.1, **kwargs):
+                super().__init__(**kwargs)
+                self.band = band
+
+            def surrogate(self, log_ratio, advantages, padding):
+                adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+                outside = log_ratio.abs() > self.band
+                w = clamped_ratio(log_ratio, self.max_log_ratio)
+                return -(w * adv) * (~outside), outside
+
+    **The per-response slot.** ``surrogate`` may return −J as [N]: one loss per response (GMPO's
+    −Â_i g_i, for instance). The Objective counts it at each of the response's valid tokens, so
+    ``seq-mean-token-mean`` gives the mean over responses and ``token-mean`` the length-weighted
+    mean; ``token_loss`` then holds [N].
     """
+
+    inputs: tuple[str, ...] = ()
+    """Canonical names of extra TensorDict entries :meth:`surrogate` receives as keyword arguments
+    (raw: clean them with ``padding.zero``); renamable through ``in_keys``."""
+
+    def __init__(
+        self,
+        *,
+        max_log_ratio: float | None = DEFAULT_MAX_LOG_RATIO,
+        in_keys: KeyOverrides = None,
+        out_keys: KeyOverrides = None,
+    ) -> None:
+        super().__init__()
+        self._setup_keys(
+            ("log_ratio", "advantages", "response_mask", *self.inputs),
+            ("token_loss", "clipped"),
+            in_keys,
+            out_keys,
+        )
+        self.max_log_ratio = _check_max_log_ratio(type(self).__name__, max_log_ratio)
+        self.params = {"max_log_ratio": self.max_log_ratio}
+
+    def surrogate(
+        self, log_ratio: torch.Tensor, advantages: torch.Tensor, padding: Padding, **inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(−J, clipped) from clean inputs.
+
+        ``log_ratio`` is [N, T] (float32 or float64, 0 at padding); ``advantages`` are detached,
+        [N] (0 for an empty row) or [N, T] (0 at padding); ``padding`` is the call's
+        :class:`~gspo_components.loss.numerics.Padding`. Return −J as [N, T] (any value at
+        padding) or [N] (one per response), and ``clipped`` as a bool [N, T] or [N] marking what
+        the clipper cut (for the ``clip_fraction`` metrics).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement surrogate(log_ratio, advantages, padding)"
+        )
+
+    def _inputs(self, td: TensorDictBase, pad: Padding) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        where = type(self).__name__
+        advantages = check_advantages(where, "advantages", self._read(td, "advantages"), pad.mask)
+        return advantages, {name: self._read(td, name) for name in self.inputs}
+
+    def _call(
+        self,
+        log_ratio: torch.Tensor,
+        advantages: torch.Tensor,
+        pad: Padding,
+        extra: dict,
+        checks: DeferredChecks,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        where = type(self).__name__
+        dtype = compute_dtype(log_ratio, advantages)
+        adv = _clean_advantages(advantages, pad, dtype, checks)
+        if log_ratio.dim() == 1:
+            log_ratio = pad.broadcast(log_ratio.to(dtype))
+        neg, clipped = self.surrogate(log_ratio.to(dtype), adv, pad, **extra)
+        n, t = pad.mask.shape
+        for name, value in (("loss", neg), ("clipped", clipped)):
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) not in ((n,), (n, t)):
+                got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(
+                    f"{where}.surrogate: its {name} must be [N] = [{n}] or [N, T] = [{n}, {t}], got {got}"
+                )
+        if clipped.dtype != torch.bool:
+            raise ValueError(f"{where}.surrogate: 'clipped' must be a bool tensor, got {clipped.dtype}")
+        clipped = clipped & (pad.mask if clipped.dim() == 2 else pad.lengths > 0)
+        return neg, clipped
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        td = self._check_td(tensordict)
+        where = type(self).__name__
+        mask = check_mask(where, "response_mask", self._read(td, "response_mask"))
+        log_ratio = check_float(where, "log_ratio", self._read(td, "log_ratio"))
+        if log_ratio.shape != mask.shape:
+            raise ValueError(
+                f"{where}: 'log_ratio' must have shape [N, T] = {list(mask.shape)} like 'response_mask', "
+                f"got {list(log_ratio.shape)}"
+            )
+        pad = Padding(mask)
+        checks = DeferredChecks(where)
+        log_ratio = pad.zero(log_ratio.to(compute_dtype(log_ratio)))
+        if checks.active:
+            checks.finite("'log_ratio' at valid positions (per-row sums)", log_ratio.detach().sum(-1))
+        advantages, extra = self._inputs(td, pad)
+        neg, clipped = self._call(log_ratio, advantages, pad, extra, checks)
+        checks.run()
+        td.set(self._out_map["token_loss"], pad.zero(neg) if neg.dim() == 2 else neg)
+        td.set(self._out_map["clipped"], clipped)
+        return td
+
+    def _chain(
+        self, td: TensorDictBase, log_ratio: torch.Tensor, pad: Padding, checks: DeferredChecks
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """PolicyLoss's single pass, on the weighter's clean log-ratio ([N] or [N, T]): (−J, C,
+        C_high, exp(log_ratio)); the last two are None (the Objective derives them)."""
+        advantages, extra = self._inputs(td, pad)
+        neg, clipped = self._call(log_ratio, advantages, pad, extra, checks)
+        return neg, clipped, None, None
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.params.items())
+
+
+class _KernelClipper(Clipper):
+    """A stock clipper: a pure function for plain tensors and a kernel for PolicyLoss's single
+    pass, with its hyper-parameters bound and validated at construction."""
 
     def __init__(
         self,
@@ -333,7 +455,7 @@ class _ClipperModule(KeyedModule):
         in_keys: KeyOverrides,
         out_keys: KeyOverrides,
     ) -> None:
-        super().__init__()
+        KeyedModule.__init__(self)
         self._setup_keys(
             ("log_ratio", "advantages", "response_mask"), ("token_loss", "clipped"), in_keys, out_keys
         )
@@ -342,6 +464,13 @@ class _ClipperModule(KeyedModule):
         self.params = params
         for name, value in params.items():
             setattr(self, name, value)
+
+    def surrogate(
+        self, log_ratio: torch.Tensor, advantages: torch.Tensor, padding: Padding, **inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+        neg, clipped, _high, _ratio = self._kernel(log_ratio, adv, **self.params)
+        return neg, clipped
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         td = self._check_td(tensordict)
@@ -357,10 +486,11 @@ class _ClipperModule(KeyedModule):
 
     def _chain(
         self, td: TensorDictBase, log_ratio: torch.Tensor, pad: Padding, checks: DeferredChecks
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """PolicyLoss's single pass, on the weighter's clean log-ratio ([N] per row, or [N, T] with
-        0 at padding). Returns (−J, C, C_high, exp(log_ratio)), [N] when both the log-ratio and the advantages are per row,
-        else [N, T]; C is False at padding, −J is not masked (the Objective masks it)."""
+        0 at padding). Returns (−J, C, C_high, exp(log_ratio)), [N] when both the log-ratio and the
+        advantages are per row, else [N, T]; C is False at padding, −J is not masked (the Objective
+        masks it)."""
         where = self._loss_fn.__name__
         advantages = check_advantages(where, "advantages", self._read(td, "advantages"), pad.mask)
         dtype = compute_dtype(log_ratio, advantages)
@@ -373,11 +503,8 @@ class _ClipperModule(KeyedModule):
                 adv = pad.zero(adv.unsqueeze(-1))
         return self._kernel(log_ratio, adv, **self.params)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.params.items())
 
-
-class PPOClip(_ClipperModule):
+class PPOClip(_KernelClipper):
     """PPO's clipped surrogate with asymmetric ε and optional dual clip (see :func:`ppo_clip_loss`).
 
     GRPO uses ε = 0.2/0.2, DAPO 0.2/0.28, GSPO 3e-4/4e-4 on the sequence ratio.
@@ -397,7 +524,7 @@ class PPOClip(_ClipperModule):
         super().__init__(ppo_clip_loss, _ppo_kernel, params, in_keys, out_keys)
 
 
-class CISPOClip(_ClipperModule):
+class CISPOClip(_KernelClipper):
     """CISPO: truncated, detached IS weight times Â ∇ℓ (see :func:`cispo_loss`).
 
     The MiniMax-M1 paper tunes only ε_high and publishes no value; the default 0.28 follows
@@ -417,7 +544,7 @@ class CISPOClip(_ClipperModule):
         super().__init__(cispo_loss, _cispo_kernel, params, in_keys, out_keys)
 
 
-class SAPOGate(_ClipperModule):
+class SAPOGate(_KernelClipper):
     """SAPO's temperature-controlled soft gate in place of a hard clip (see :func:`sapo_loss`)."""
 
     def __init__(
@@ -433,7 +560,7 @@ class SAPOGate(_ClipperModule):
         super().__init__(sapo_loss, _sapo_kernel, params, in_keys, out_keys)
 
 
-class NoClip(_ClipperModule):
+class NoClip(_KernelClipper):
     """No clipping: importance-weighted policy gradient (see :func:`unclipped_loss`)."""
 
     def __init__(

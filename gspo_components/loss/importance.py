@@ -1,6 +1,6 @@
 """ImportanceWeighter: the log of each token's importance weight against π_old.
 
-Notation (``ALGORITHMS.md``): ℓ_{i,t} = log π_θ(y_{i,t} | x, y_{i,<t}), ℓ^old the same under
+Notation (docs/algorithms.md): ℓ_{i,t} = log π_θ(y_{i,t} | x, y_{i,<t}), ℓ^old the same under
 π_old, L_i the number of valid tokens of response i, sg[·] stop-gradient.
 
 Three levels, each a pure function on ``[N, T]`` tensors and a TensorDict module writing
@@ -32,10 +32,11 @@ import torch
 from tensordict import TensorDictBase
 
 from ._checks import DeferredChecks, check_mask, check_token_tensor, compute_dtype
-from ._masking import Padding
 from ._module import KeyedModule, KeyOverrides
+from .numerics import Padding
 
 __all__ = [
+    "ImportanceWeighter",
     "SequenceLogRatio",
     "SequenceTokenLogRatio",
     "TokenLogRatio",
@@ -54,7 +55,7 @@ def _masked_token_log_ratio(
     checks: DeferredChecks | None = None,
 ) -> tuple[torch.Tensor, Padding]:
     """Validate once and return (d, padding): d = where(m, ℓ − sg[ℓ^old], 0) [N, T] in the
-    compute dtype, and the call's :class:`~gspo_components.loss._masking.Padding` (mask, L_i).
+    compute dtype, and the call's :class:`~gspo_components.loss.numerics.Padding` (mask, L_i).
 
     One masking after the subtraction suffices: the backward of a subtraction passes the
     incoming gradient on unchanged (never multiplied by an input), and the masking sends exactly
@@ -77,7 +78,7 @@ def _masked_token_log_ratio(
 
 
 def _row_mean(d: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(1/L_i) Σ_t d_{i,t}, [N]; 0 for an empty row (d is 0 at padding)."""
+    """(1/L_i) Σ_t d_{i,t}, [N]; 0 for an empty row (d is 0 at padding, so no second masking)."""
     return d.sum(-1) / lengths.clamp(min=1).to(d.dtype)
 
 
@@ -135,59 +136,103 @@ def sequence_token_log_ratio(
     return _sequence_token(d, pad)
 
 
-class _LogRatioModule(KeyedModule):
-    """Reads ``log_probs``, ``old_log_probs``, ``response_mask``; writes ``log_ratio``."""
+class ImportanceWeighter(KeyedModule):
+    """The ImportanceWeighter role: reads ``log_probs``, ``old_log_probs``, ``response_mask``;
+    writes ``log_ratio``.
 
-    _fn = staticmethod(token_log_ratio)
-    _level = "token"
+    A new weighter subclasses this and implements :meth:`log_ratio` on clean tensors; reading the
+    keys, validating them, removing the padding and the float32 upcast are done here, once::
+
+        class ClippedSequenceLogRatio(ImportanceWeighter):
+            level = "sequence"
+
+            def log_ratio(self, token_log_ratio, padding):
+                return padding.row_mean(token_log_ratio).clamp(-1.0, 1.0)
+
+    ``level`` says what the log-ratio is: ``"token"`` (one per token), ``"sequence"`` (one per
+    response, [N]) or ``"sequence-token"`` (a sequence value with token-wise gradients). A recipe
+    refuses per-token advantages with a ``"sequence"`` weighter.
+    """
+
+    level: str = "token"
 
     def __init__(self, *, in_keys: KeyOverrides = None, out_keys: KeyOverrides = None) -> None:
         super().__init__()
         self._setup_keys(("log_probs", "old_log_probs", "response_mask"), ("log_ratio",), in_keys, out_keys)
 
-    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        td = self._check_td(tensordict)
-        log_ratio = type(self)._fn(
-            self._read(td, "log_probs"),
-            self._read(td, "old_log_probs"),
-            self._read(td, "response_mask"),
-        )
-        td.set(self._out_map["log_ratio"], log_ratio)
-        return td
+    def log_ratio(self, token_log_ratio: torch.Tensor, padding: Padding) -> torch.Tensor:
+        """The log-ratio from d_{i,t} = ℓ_{i,t} − sg[ℓ^old_{i,t}] ([N, T], float32 or float64, 0 at
+        padding) and the call's :class:`~gspo_components.loss.numerics.Padding`.
 
-    def _chain(self, td: TensorDictBase, checks: DeferredChecks) -> tuple[torch.Tensor, Padding]:
-        """PolicyLoss's single pass: (log_ratio, padding). A sequence-level log-ratio is
-        returned per row, [N] (it is constant over the row's valid tokens), not broadcast."""
+        Return [N, T] (any value at padding: it is cleaned afterwards) or [N], one per response.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement log_ratio(token_log_ratio, padding)")
+
+    def _compute(self, td: TensorDictBase, checks: DeferredChecks | None) -> tuple[torch.Tensor, Padding]:
         d, pad = _masked_token_log_ratio(
-            type(self)._fn.__name__,
+            self._where or type(self).__name__,
             self._read(td, "log_probs"),
             self._read(td, "old_log_probs"),
             self._read(td, "response_mask"),
             checks,
         )
-        if self._level == "token":
-            return d, pad
-        if self._level == "sequence":
-            return _row_mean(d, pad.lengths), pad
-        return _sequence_token(d, pad), pad
+        out = self.log_ratio(d, pad)
+        if out.shape not in (d.shape, d.shape[:1]):
+            raise ValueError(
+                f"{type(self).__name__}.log_ratio must return [N, T] = {list(d.shape)} or [N] = "
+                f"[{d.shape[0]}], got {list(out.shape)}"
+            )
+        return out, pad
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        td = self._check_td(tensordict)
+        out, pad = self._compute(td, None)
+        if out.dim() == 1:
+            out = pad.broadcast(out)
+        elif not self._clean_output:
+            out = pad.zero(out)
+        td.set(self._out_map["log_ratio"], out)
+        return td
+
+    def _chain(self, td: TensorDictBase, checks: DeferredChecks) -> tuple[torch.Tensor, Padding]:
+        """PolicyLoss's single pass: (log_ratio, padding). A per-response log-ratio stays [N]."""
+        out, pad = self._compute(td, checks)
+        if out.dim() == 2 and not self._clean_output:
+            out = pad.zero(out)
+        return out, pad
+
+    _clean_output = False  # True when log_ratio() returns 0 at padding (the stock weighters)
+    _where = ""  # the name error messages use: the stock weighters', that of their pure function
 
 
-class TokenLogRatio(_LogRatioModule):
+class TokenLogRatio(ImportanceWeighter):
+    _where = "token_log_ratio"
     __doc__ = "Token-level weighter (GRPO/PPO): log_ratio = ℓ − ℓ^old.\n\n" + (token_log_ratio.__doc__ or "")
-    _fn = staticmethod(token_log_ratio)
+    level = "token"
+    _clean_output = True
+
+    def log_ratio(self, token_log_ratio: torch.Tensor, padding: Padding) -> torch.Tensor:
+        return token_log_ratio
 
 
-class SequenceLogRatio(_LogRatioModule):
+class SequenceLogRatio(ImportanceWeighter):
+    _where = "sequence_log_ratio"
     __doc__ = "Sequence-level weighter (GSPO): log_ratio = log of the geometric-mean ratio.\n\n" + (
         sequence_log_ratio.__doc__ or ""
     )
-    _fn = staticmethod(sequence_log_ratio)
-    _level = "sequence"
+    level = "sequence"
+
+    def log_ratio(self, token_log_ratio: torch.Tensor, padding: Padding) -> torch.Tensor:
+        return _row_mean(token_log_ratio, padding.lengths)
 
 
-class SequenceTokenLogRatio(_LogRatioModule):
+class SequenceTokenLogRatio(ImportanceWeighter):
+    _where = "sequence_token_log_ratio"
     __doc__ = "Sequence-token weighter (GSPO-token): value of GSPO, token-wise gradient.\n\n" + (
         sequence_token_log_ratio.__doc__ or ""
     )
-    _fn = staticmethod(sequence_token_log_ratio)
-    _level = "sequence-token"
+    level = "sequence-token"
+    _clean_output = True
+
+    def log_ratio(self, token_log_ratio: torch.Tensor, padding: Padding) -> torch.Tensor:
+        return _sequence_token(token_log_ratio, padding)

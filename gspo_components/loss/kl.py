@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import DeferredChecks, check_choice, check_mask, check_token_tensor, compute_dtype
-from ._masking import Padding
+from .numerics import Padding
 
 __all__ = ["KL_ESTIMATORS", "kl_penalty"]
 

@@ -31,6 +31,7 @@ from tensordict import TensorDict, TensorDictBase
 from ._checks import (
     DeferredChecks,
     check_choice,
+    check_float,
     check_mask,
     check_nonempty,
     check_positive_int,
@@ -38,10 +39,10 @@ from ._checks import (
     check_token_tensor,
     compute_dtype,
 )
-from ._masking import Padding, count, fill_padding
 from ._module import KeyedModule, KeyOverrides
 from .aggregation import AGGREGATIONS, LossNormalizers, local_normalizers, reduce_normalizers
 from .kl import KL_ESTIMATORS, _kl
+from .numerics import Padding, count, fill_padding
 
 __all__ = ["METRIC_NAMES", "Objective", "loss_metrics", "objective_loss"]
 
@@ -359,6 +360,13 @@ def _metrics(
     return out
 
 
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The product of two weights, each [N] or [N, T] (0 at padding): [N] when both are."""
+    if a.dim() == b.dim():
+        return a * b
+    return (a.unsqueeze(-1) if a.dim() == 1 else a) * (b.unsqueeze(-1) if b.dim() == 1 else b)
+
+
 def _side_count(clipped: torch.Tensor, side: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The number of valid tokens that are clipped and on ``side`` (either may be per row)."""
     if clipped.dim() == 1 and side.dim() == 1:
@@ -419,7 +427,9 @@ def loss_metrics(
 class Objective(KeyedModule):
     """Aggregate ``token_loss`` into ``loss`` and metrics, under one aggregation.
 
-    Reads ``token_loss``, ``response_mask``; when present, ``is_weights`` (multiplies the loss),
+    Reads ``token_loss`` ([N, T], or [N]: one loss per response, counted at each of its valid
+    tokens), ``response_mask``; when present, ``is_weights`` and ``loss_weights`` (detached
+    factors that multiply the loss: rollout correction, and the filters of a PolicyLoss),
     ``log_ratio`` and ``clipped`` (metrics) and ``entropy``; with ``kl_coef > 0``, ``log_probs`` and
     ``ref_log_probs``. Returns a new TensorDict of batch size ``[]`` (see the module docstring).
 
@@ -464,7 +474,7 @@ class Objective(KeyedModule):
             required += ["log_probs", "ref_log_probs"]
         if self.entropy_coef != 0:
             required.append("entropy")
-        optional = ["is_weights", "log_ratio", "clipped", "entropy"]
+        optional = ["is_weights", "loss_weights", "log_ratio", "clipped", "entropy"]
         self._setup_keys(
             tuple(required), ("loss", *METRIC_NAMES), in_keys, out_keys, optional_in_names=tuple(optional)
         )
@@ -475,9 +485,16 @@ class Objective(KeyedModule):
         td = self._check_td(tensordict)
         where = type(self).__name__
         mask = check_mask(where, "response_mask", self._read(td, "response_mask"))
-        token_loss = check_token_tensor(
-            where, "token_loss", self._read(td, "token_loss"), "response_mask", mask
-        )
+        token_loss = self._read(td, "token_loss")
+        if isinstance(token_loss, torch.Tensor) and token_loss.dim() == 1:  # the per-response slot
+            token_loss = check_float(where, "token_loss", token_loss)
+            if token_loss.shape[0] != mask.shape[0]:
+                raise ValueError(
+                    f"{where}: 'token_loss' must have shape [N, T] = {list(mask.shape)}, or [N] = "
+                    f"[{mask.shape[0]}] (one loss per response), got {list(token_loss.shape)}"
+                )
+        else:
+            token_loss = check_token_tensor(where, "token_loss", token_loss, "response_mask", mask)
         dtype = compute_dtype(token_loss)
         log_ratio = self._read_optional(td, "log_ratio")
         pad = Padding(mask)
@@ -486,19 +503,48 @@ class Objective(KeyedModule):
             log_ratio = pad.zero(log_ratio.detach().to(compute_dtype(log_ratio)))
         clipped = self._read_optional(td, "clipped")
         if clipped is not None:
-            if clipped.shape != mask.shape or clipped.dtype != torch.bool:
+            if (
+                tuple(clipped.shape) not in (tuple(mask.shape), tuple(mask.shape[:1]))
+                or clipped.dtype != torch.bool
+            ):
                 raise ValueError(
-                    f"{where}: 'clipped' must be a bool tensor of shape {list(mask.shape)}, "
-                    f"got {clipped.dtype} {list(clipped.shape)}"
+                    f"{where}: 'clipped' must be a bool tensor of shape [N, T] = {list(mask.shape)} or "
+                    f"[N] = [{mask.shape[0]}], got {clipped.dtype} {list(clipped.shape)}"
                 )
-            clipped = clipped & mask
+            clipped = clipped & (mask if clipped.dim() == 2 else pad.lengths > 0)
         is_weights = self._read_optional(td, "is_weights")
         if is_weights is not None:
             is_weights = self._clean_is_weights(is_weights, pad, dtype)
+        loss_weights = self._read_optional(td, "loss_weights")
+        if loss_weights is not None:
+            loss_weights = self._clean_weights("loss_weights", loss_weights, pad, dtype)
         checks = DeferredChecks(where)
         return self._compute(
-            td, pad, token_loss.to(dtype), clipped, log_ratio, is_weights, normalizers, checks, None
+            td,
+            pad,
+            token_loss.to(dtype),
+            clipped,
+            log_ratio,
+            is_weights,
+            normalizers,
+            checks,
+            None,
+            loss_weights=loss_weights,
         )
+
+    def _clean_weights(self, name: str, weights: object, pad: Padding, dtype: torch.dtype) -> torch.Tensor:
+        """Detached weights [N, T] (0 at padding) or [N] (one per response)."""
+        where = type(self).__name__
+        if isinstance(weights, torch.Tensor) and weights.dim() == 1:
+            weights = check_float(where, name, weights)
+            if weights.shape[0] != pad.mask.shape[0]:
+                raise ValueError(
+                    f"{where}: '{name}' must have shape [N, T] = {list(pad.mask.shape)} or [N] = "
+                    f"[{pad.mask.shape[0]}], got {list(weights.shape)}"
+                )
+            return torch.where(pad.lengths > 0, weights.detach().to(dtype), 0.0)
+        weights = check_token_tensor(where, name, weights, "response_mask", pad.mask)
+        return pad.zero(weights.detach().to(dtype))
 
     def _clean_is_weights(self, is_weights: object, pad: Padding, dtype: torch.dtype) -> torch.Tensor:
         is_weights = check_token_tensor(
@@ -518,6 +564,8 @@ class Objective(KeyedModule):
         checks: DeferredChecks,
         clipped_high: torch.Tensor | None,
         ratio: torch.Tensor | None = None,
+        *,
+        loss_weights: torch.Tensor | None = None,
     ) -> TensorDictBase:
         """The loss and metrics from clean inputs: ``neg`` (−J) [N, T] (masked here) or [N] per
         row; ``clipped`` False at padding; ``log_ratio`` 0 at padding or [N]; ``is_weights`` 0 at
@@ -562,11 +610,14 @@ class Objective(KeyedModule):
         if entropy is not None:
             entropy = check_token_tensor(where, "entropy", entropy, "response_mask", mask)
             entropy = pad.zero(entropy.to(compute_dtype(entropy, neg)))
+        weights = is_weights
+        if loss_weights is not None:
+            weights = loss_weights if weights is None else _product(weights, loss_weights)
         loss, terms, rows = _loss(
             self.aggregation,
             pad,
             neg,
-            is_weights,
+            weights,
             kl,
             self.kl_coef,
             entropy,

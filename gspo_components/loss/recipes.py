@@ -25,26 +25,40 @@ and wrap it in a :class:`Recipe`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tensordict import NestedKey, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
-from ._checks import DeferredChecks
+from ._checks import DeferredChecks, check_mask
 from .advantages import (
     GroupMeanAdvantage,
     GroupNormalizedAdvantage,
     PerTokenAdvantage,
 )
 from .aggregation import LossNormalizers, step_normalizers
-from .clipping import CISPOClip, PPOClip, _ClipperModule
-from .importance import SequenceLogRatio, SequenceTokenLogRatio, TokenLogRatio, _LogRatioModule
-from .objective import Objective
+from .clipping import CISPOClip, Clipper, PPOClip, SAPOGate, _KernelClipper
+from .filters import TokenFilter, filter_weights
+from .importance import ImportanceWeighter, SequenceLogRatio, SequenceTokenLogRatio, TokenLogRatio
+from .numerics import Padding
+from .objective import Objective, _product
 from .rollout_correction import RolloutCorrection
 
-__all__ = ["PolicyLoss", "Recipe", "cispo", "dapo", "dr_grpo", "grpo", "gspo", "gspo_token"]
+__all__ = [
+    "PolicyLoss",
+    "Recipe",
+    "cispo",
+    "compose",
+    "dapo",
+    "dr_grpo",
+    "grpo",
+    "gspo",
+    "gspo_token",
+    "sapo",
+]
 
 
 class PolicyLoss(TensorDictModuleBase):
@@ -71,13 +85,25 @@ class PolicyLoss(TensorDictModuleBase):
         objective: Objective,
         *,
         rollout_correction: TensorDictModuleBase | None = None,
+        filters: Sequence[TokenFilter] = (),
     ) -> None:
         super().__init__()
         self.weighter = weighter
         self.rollout_correction = rollout_correction
         self.clipper = clipper
         self.objective = objective
-        parts = [p for p in (weighter, rollout_correction, clipper, objective) if p is not None]
+        filters = list(filters)
+        for f in filters:
+            if not isinstance(f, TokenFilter):
+                raise ValueError(
+                    f"PolicyLoss: every filter must be a TokenFilter, got {type(f).__name__}; "
+                    "subclass gspo_components.TokenFilter and implement keep()"
+                )
+        names = [f.metric_name for f in filters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"PolicyLoss: two filters report under the same metric name: {names}")
+        self.filters = torch.nn.ModuleList(filters)
+        parts = [p for p in (weighter, rollout_correction, *filters, clipper, objective) if p is not None]
         produced: set = set()
         in_keys: list = []
         for part in parts:
@@ -85,18 +111,19 @@ class PolicyLoss(TensorDictModuleBase):
                 if key not in produced and key not in in_keys:
                     in_keys.append(key)
             produced.update(part.out_keys)
-        self.in_keys = in_keys
-        self.out_keys = list(objective.out_keys)
+        self.in_keys = [k for k in in_keys if k != objective.key("loss_weights") or not filters]
+        self.out_keys = list(objective.out_keys) + names
         self._one_pass = self._can_run_in_one_pass()
 
     def _can_run_in_one_pass(self) -> bool:
         w, rc, c, o = self.weighter, self.rollout_correction, self.clipper, self.objective
         stock = (
-            isinstance(w, _LogRatioModule)
-            and type(w).forward is _LogRatioModule.forward
-            and isinstance(c, _ClipperModule)
-            and type(c).forward is _ClipperModule.forward
+            isinstance(w, ImportanceWeighter)
+            and type(w).forward is ImportanceWeighter.forward
+            and isinstance(c, Clipper)
+            and type(c).forward in (Clipper.forward, _KernelClipper.forward)
             and type(o).forward is Objective.forward
+            and all(type(f).forward is TokenFilter.forward for f in self.filters)
             and (
                 rc is None
                 or (isinstance(rc, RolloutCorrection) and type(rc).forward is RolloutCorrection.forward)
@@ -114,13 +141,15 @@ class PolicyLoss(TensorDictModuleBase):
         if any(key != produced for produced, readers in links.items() for key in readers):
             return False
         external = [w.key("log_probs"), w.key("old_log_probs"), c.key("advantages")]
+        external += [c.key(n) for n in c.inputs]
+        external += [f.key(n) for f in self.filters for n in f.inputs]
         external += [o.key(n) for n in ("log_probs", "ref_log_probs", "entropy") if n in o._in_map]
         if rc is not None:
             external += [rc.key("old_log_probs"), rc.key("rollout_log_probs"), rc.key("response_mask")]
         if o._in_map.get("is_weights") is not None and rc is None:
             external.append(o.key("is_weights"))
         mask_key = w.key("response_mask")
-        if any(part.key("response_mask") != mask_key for part in (c, o)):
+        if any(part.key("response_mask") != mask_key for part in (c, o, *self.filters)):
             return False
         if rc is not None and rc.key("response_mask") != mask_key:
             return False
@@ -132,7 +161,7 @@ class PolicyLoss(TensorDictModuleBase):
     def key(self, name: str) -> NestedKey:
         """The key the chain uses for the canonical entry ``name``: that of the first part, in
         chain order, that declares it (``KeyError`` when none does)."""
-        for part in (self.weighter, self.rollout_correction, self.clipper, self.objective):
+        for part in (self.weighter, self.rollout_correction, *self.filters, self.clipper, self.objective):
             lookup = getattr(part, "key", None)
             if lookup is None:
                 continue
@@ -159,8 +188,21 @@ class PolicyLoss(TensorDictModuleBase):
         work = self.weighter(work)
         if self.rollout_correction is not None:
             work = self.rollout_correction(work)
+        metrics: dict[str, torch.Tensor] = {}
+        if len(self.filters):
+            mask = check_mask("PolicyLoss", "response_mask", work.get(self.objective.key("response_mask")))
+            pad = Padding(mask)
+            weights, metrics = filter_weights(list(self.filters), work, pad, torch.float32)
+            if weights is not None and weights.dim() == 1:
+                weights = pad.broadcast(weights)
+            key = self.objective.key("loss_weights")
+            previous = work.get(key, None)
+            work.set(key, weights if previous is None else previous * weights)
         work = self.clipper(work)
-        return self.objective(work, normalizers=normalizers)
+        out = self.objective(work, normalizers=normalizers)
+        for name, value in metrics.items():
+            out.set(name, value)
+        return out
 
     def _forward_one_pass(self, td: TensorDictBase, normalizers: LossNormalizers | None) -> TensorDictBase:
         checks = DeferredChecks("PolicyLoss")
@@ -172,19 +214,62 @@ class PolicyLoss(TensorDictModuleBase):
             is_weights = self.objective._read_optional(td, "is_weights")
             if is_weights is not None:
                 is_weights = self.objective._clean_is_weights(is_weights, pad, log_ratio.dtype)
+        loss_weights = self.objective._read_optional(td, "loss_weights")
+        if loss_weights is not None:
+            loss_weights = self.objective._clean_weights("loss_weights", loss_weights, pad, log_ratio.dtype)
+        metrics: dict[str, torch.Tensor] = {}
+        if len(self.filters):
+            weights, metrics = filter_weights(list(self.filters), td, pad, log_ratio.dtype)
+            if weights is not None:
+                loss_weights = weights if loss_weights is None else _product(loss_weights, weights)
         neg, clipped, high, ratio = self.clipper._chain(td, log_ratio, pad, checks)
-        return self.objective._compute(
-            td, pad, neg, clipped, log_ratio, is_weights, normalizers, checks, high, ratio
+        out = self.objective._compute(
+            td,
+            pad,
+            neg,
+            clipped,
+            log_ratio,
+            is_weights,
+            normalizers,
+            checks,
+            high,
+            ratio,
+            loss_weights=loss_weights,
         )
+        for name, value in metrics.items():
+            out.set(name, value)
+        return out
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """An algorithm: ``advantage`` (once per rollout batch) and ``loss`` (per minibatch)."""
+    """An algorithm: ``advantage`` (once per rollout batch) and ``loss`` (per minibatch).
+
+    ``name`` is what loops and adapters log it as; every stock recipe takes ``name=`` so that a
+    variant (say ``gspo(advantage=LeaveOneOutAdvantage(), name="gspo-rloo")``) logs as itself.
+    Construction refuses parts that cannot work together: per-token advantages with a weighter
+    whose ratio is one number per response (``level = "sequence"``).
+    """
 
     name: str
     advantage: TensorDictModuleBase
     loss: PolicyLoss
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Recipe: 'name' must be a non-empty str, got {self.name!r}")
+        if not isinstance(self.loss, PolicyLoss):
+            raise ValueError(
+                f"Recipe {self.name!r}: 'loss' must be a PolicyLoss, got {type(self.loss).__name__}"
+            )
+        level = getattr(self.loss.weighter, "level", None)
+        if level == "sequence" and getattr(self.advantage, "per_token", False):
+            raise ValueError(
+                f"Recipe {self.name!r}: {type(self.loss.weighter).__name__} gives one ratio per response "
+                f"(level 'sequence'), which has no per-token advantage, but the advantage part "
+                f"{type(self.advantage).__name__} gives advantages per token; use gspo_token "
+                "(SequenceTokenLogRatio), whose ratio has a token-wise gradient"
+            )
 
     def step_normalizers(
         self, micro_batches: torch.Tensor | Iterable[object], **kwargs: object
@@ -198,49 +283,63 @@ class Recipe:
         return step_normalizers(micro_batches, **kwargs)  # type: ignore[arg-type]
 
 
-def _objective(
-    aggregation: str,
-    kl_coef: float,
-    kl_estimator: str,
-    entropy_coef: float,
-    max_length: int | None,
-) -> Objective:
-    return Objective(
+def compose(
+    name: str,
+    advantage: TensorDictModuleBase,
+    weighter: TensorDictModuleBase,
+    clipper: TensorDictModuleBase,
+    *,
+    aggregation: str = "seq-mean-token-mean",
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    max_length: int | None = None,
+    rollout_correction: TensorDictModuleBase | None = None,
+    filters: Sequence[TokenFilter] = (),
+) -> Recipe:
+    """A :class:`Recipe` from one part per role and the Objective's settings: what every stock
+    recipe is, and the shortest way to write a new one."""
+    objective = Objective(
         aggregation,
         kl_coef=kl_coef,
         kl_estimator=kl_estimator,
         entropy_coef=entropy_coef,
         max_length=max_length,
     )
+    loss = PolicyLoss(weighter, clipper, objective, rollout_correction=rollout_correction, filters=filters)
+    return Recipe(name, advantage, loss)
+
+
+_SHARED_ARGS = """
+    Shared keyword arguments: ``aggregation``, ``kl_coef`` (β), ``kl_estimator``,
+    ``entropy_coef``, ``max_length`` (the Objective's), ``advantage`` (replaces the default
+    AdvantageEstimator), ``rollout_correction``, ``filters`` (TokenFilters) and ``name`` (what the
+    recipe logs as)."""
 
 
 def grpo(
     *,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
-    aggregation: str = "seq-mean-token-mean",
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
     dual_clip: float | None = None,
     advantage_eps: float = 1e-6,
-    entropy_coef: float = 0.0,
-    max_length: int | None = None,
+    aggregation: str = "seq-mean-token-mean",
     advantage: TensorDictModuleBase | None = None,
-    rollout_correction: TensorDictModuleBase | None = None,
+    name: str = "grpo",
+    **shared: Any,
 ) -> Recipe:
     """GRPO (DeepSeekMath, arXiv 2402.03300): token ratios, PPO clip, optional k3 KL.
 
-    J = (1/G) Σ_i (1/L_i) Σ_t [min(w_{i,t} Â_i, clip(w_{i,t}) Â_i) − β k3_{i,t}].
+    J = (1/G) Σ_i (1/L_i) Σ_t [min(w_{i,t} Â_i, clip(w_{i,t}) Â_i) − β k3_{i,t}]. ``dual_clip = c``
+    bounds the loss of Â < 0 at c Â (INTELLECT-2's two-sided clip δ is the same thing).
     """
-    return Recipe(
-        "grpo",
+    return compose(
+        name,
         advantage or GroupNormalizedAdvantage(advantage_eps),
-        PolicyLoss(
-            TokenLogRatio(),
-            PPOClip(eps_low, eps_high, dual_clip=dual_clip),
-            _objective(aggregation, kl_coef, kl_estimator, entropy_coef, max_length),
-            rollout_correction=rollout_correction,
-        ),
+        TokenLogRatio(),
+        PPOClip(eps_low, eps_high, dual_clip=dual_clip),
+        aggregation=aggregation,
+        **shared,
     )
 
 
@@ -248,29 +347,25 @@ def gspo(
     *,
     eps_low: float = 3e-4,
     eps_high: float = 4e-4,
-    aggregation: str = "seq-mean-token-mean",
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
     advantage_eps: float = 1e-6,
-    entropy_coef: float = 0.0,
-    max_length: int | None = None,
+    aggregation: str = "seq-mean-token-mean",
     advantage: TensorDictModuleBase | None = None,
-    rollout_correction: TensorDictModuleBase | None = None,
+    name: str = "gspo",
+    **shared: Any,
 ) -> Recipe:
     """GSPO (Zheng et al., arXiv 2507.18071, eqs. 5–7): sequence ratio, sequence clip.
 
     s_i = exp((1/L_i) Σ_t (ℓ_{i,t} − ℓ^old_{i,t})), J = (1/G) Σ_i min(s_i Â_i, clip(s_i) Â_i),
-    with the paper's ε = 3e-4 / 4e-4 and no KL term by default.
+    with the paper's ε = 3e-4 / 4e-4 and no KL term by default. Per-token advantages are refused
+    (the ratio is one number per response); use :func:`gspo_token` for them.
     """
-    return Recipe(
-        "gspo",
+    return compose(
+        name,
         advantage or GroupNormalizedAdvantage(advantage_eps),
-        PolicyLoss(
-            SequenceLogRatio(),
-            PPOClip(eps_low, eps_high),
-            _objective(aggregation, kl_coef, kl_estimator, entropy_coef, max_length),
-            rollout_correction=rollout_correction,
-        ),
+        SequenceLogRatio(),
+        PPOClip(eps_low, eps_high),
+        aggregation=aggregation,
+        **shared,
     )
 
 
@@ -278,15 +373,12 @@ def gspo_token(
     *,
     eps_low: float = 3e-4,
     eps_high: float = 4e-4,
-    aggregation: str = "seq-mean-token-mean",
     per_token_advantages: bool = False,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
     advantage_eps: float = 1e-6,
-    entropy_coef: float = 0.0,
-    max_length: int | None = None,
+    aggregation: str = "seq-mean-token-mean",
     advantage: TensorDictModuleBase | None = None,
-    rollout_correction: TensorDictModuleBase | None = None,
+    name: str = "gspo_token",
+    **shared: Any,
 ) -> Recipe:
     """GSPO-token (arXiv 2507.18071, eqs. 13–14): s_{i,t} = sg[s_i] · exp(ℓ_{i,t} − sg[ℓ_{i,t}]).
 
@@ -296,15 +388,13 @@ def gspo_token(
     """
     if advantage is None:
         advantage = PerTokenAdvantage() if per_token_advantages else GroupNormalizedAdvantage(advantage_eps)
-    return Recipe(
-        "gspo_token",
+    return compose(
+        name,
         advantage,
-        PolicyLoss(
-            SequenceTokenLogRatio(),
-            PPOClip(eps_low, eps_high),
-            _objective(aggregation, kl_coef, kl_estimator, entropy_coef, max_length),
-            rollout_correction=rollout_correction,
-        ),
+        SequenceTokenLogRatio(),
+        PPOClip(eps_low, eps_high),
+        aggregation=aggregation,
+        **shared,
     )
 
 
@@ -313,27 +403,22 @@ def dr_grpo(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     aggregation: str = "seq-mean-token-sum-norm",
-    max_length: int | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
     advantage: TensorDictModuleBase | None = None,
-    rollout_correction: TensorDictModuleBase | None = None,
+    name: str = "dr_grpo",
+    **shared: Any,
 ) -> Recipe:
     """Dr.GRPO (Liu et al., arXiv 2503.20783): no std division, no length normalisation.
 
     Â_i = r_i − mean_g r; loss Σ_i Σ_t / (G · L_max) with L_max = ``max_length`` (the generation
     budget; default: the padded width).
     """
-    return Recipe(
-        "dr_grpo",
+    return compose(
+        name,
         advantage or GroupMeanAdvantage(),
-        PolicyLoss(
-            TokenLogRatio(),
-            PPOClip(eps_low, eps_high),
-            _objective(aggregation, kl_coef, kl_estimator, entropy_coef, max_length),
-            rollout_correction=rollout_correction,
-        ),
+        TokenLogRatio(),
+        PPOClip(eps_low, eps_high),
+        aggregation=aggregation,
+        **shared,
     )
 
 
@@ -341,29 +426,24 @@ def dapo(
     *,
     eps_low: float = 0.2,
     eps_high: float = 0.28,
-    aggregation: str = "token-mean",
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
     advantage_eps: float = 1e-6,
-    entropy_coef: float = 0.0,
-    max_length: int | None = None,
+    aggregation: str = "token-mean",
     advantage: TensorDictModuleBase | None = None,
-    rollout_correction: TensorDictModuleBase | None = None,
+    name: str = "dapo",
+    **shared: Any,
 ) -> Recipe:
     """DAPO's loss (Yu et al., arXiv 2503.14476): clip-higher 0.2 / 0.28, token-level mean.
 
-    J = Σ_i Σ_t min(w Â, clip(w) Â) / Σ_i L_i. DAPO's dynamic sampling and overlong shaping are
-    data- and reward-side and live outside the loss.
+    J = Σ_i Σ_t min(w Â, clip(w) Â) / Σ_i L_i. DAPO's dynamic sampling is data-side (the loop's
+    ``group_filter``) and its overlong shaping reward-side (``OverlongPenalty``).
     """
-    return Recipe(
-        "dapo",
+    return compose(
+        name,
         advantage or GroupNormalizedAdvantage(advantage_eps),
-        PolicyLoss(
-            TokenLogRatio(),
-            PPOClip(eps_low, eps_high),
-            _objective(aggregation, kl_coef, kl_estimator, entropy_coef, max_length),
-            rollout_correction=rollout_correction,
-        ),
+        TokenLogRatio(),
+        PPOClip(eps_low, eps_high),
+        aggregation=aggregation,
+        **shared,
     )
 
 
@@ -371,26 +451,52 @@ def cispo(
     *,
     eps_high: float = 0.28,
     eps_low: float | None = None,
-    aggregation: str = "token-mean",
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
     advantage_eps: float = 1e-6,
-    entropy_coef: float = 0.0,
-    max_length: int | None = None,
+    aggregation: str = "token-mean",
     advantage: TensorDictModuleBase | None = None,
-    rollout_correction: TensorDictModuleBase | None = None,
+    name: str = "cispo",
+    **shared: Any,
 ) -> Recipe:
     """CISPO (MiniMax-M1, arXiv 2506.13585): loss −sg(min(w, 1+ε_high)) Â ℓ, token-mean.
 
     Every token keeps a gradient; only the IS weight is truncated (no lower bound by default).
     """
-    return Recipe(
-        "cispo",
+    return compose(
+        name,
         advantage or GroupNormalizedAdvantage(advantage_eps),
-        PolicyLoss(
-            TokenLogRatio(),
-            CISPOClip(eps_high, eps_low=eps_low),
-            _objective(aggregation, kl_coef, kl_estimator, entropy_coef, max_length),
-            rollout_correction=rollout_correction,
-        ),
+        TokenLogRatio(),
+        CISPOClip(eps_high, eps_low=eps_low),
+        aggregation=aggregation,
+        **shared,
     )
+
+
+def sapo(
+    *,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    advantage_eps: float = 1e-6,
+    aggregation: str = "seq-mean-token-mean",
+    advantage: TensorDictModuleBase | None = None,
+    name: str = "sapo",
+    **shared: Any,
+) -> Recipe:
+    """SAPO (Gao et al., "Soft Adaptive Policy Optimization", arXiv 2511.20347): a soft gate in
+    place of the hard clip, on token ratios.
+
+    J = (1/G) Σ_i (1/L_i) Σ_t f_{τ_i}(w_{i,t}) Â_i, f_τ(w) = (4/τ) σ(τ (w − 1)), τ = τ_pos for
+    Â > 0 and τ_neg for Â < 0, with the paper's τ_pos = 1.0 and τ_neg = 1.05 (τ_neg > τ_pos damps
+    negative updates faster).
+    """
+    return compose(
+        name,
+        advantage or GroupNormalizedAdvantage(advantage_eps),
+        TokenLogRatio(),
+        SAPOGate(tau_pos, tau_neg),
+        aggregation=aggregation,
+        **shared,
+    )
+
+
+for _recipe in (grpo, gspo, gspo_token, dr_grpo, dapo, cispo, sapo):
+    _recipe.__doc__ = (_recipe.__doc__ or "") + _SHARED_ARGS

@@ -30,8 +30,8 @@ import torch
 from tensordict import TensorDictBase
 
 from ._checks import DeferredChecks, check_choice, check_mask, check_range, check_token_tensor, compute_dtype
-from ._masking import Padding
 from ._module import KeyedModule, KeyOverrides
+from .numerics import Padding
 
 __all__ = ["ROLLOUT_LEVELS", "ROLLOUT_MODES", "RolloutCorrection", "rollout_correction_weights"]
 

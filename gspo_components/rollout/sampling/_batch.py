@@ -1,6 +1,6 @@
 """Shared by the samplers: argument checks, prompt tokenisation and the rollout TensorDict.
 
-The rollout layout (see DESIGN.md's key schema), for P prompts and n samples each, N = P·n rows
+The rollout layout (see the key schema in docs/concepts.md), for P prompts and n samples each, N = P·n rows
 in prompt-major order (row ``i·n + k`` is sample k of prompt i):
 
 - ``prompt_ids`` [N, P_max] long, ``prompt_mask`` [N, P_max] bool: the prompt, right-padded;
