@@ -312,14 +312,18 @@ class RecipeGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         td = trl_batch_to_tensordict(inputs, per_token_logps, entropies=entropies, keys=self._recipe_keys)
         normalizers = self._step_normalizers(inputs) if mode == "train" else None
-        out = self.recipe.loss(td, normalizers=normalizers)
-        loss = out["loss"]
+        # TRL's own vLLM correction is passed explicitly: the chain refuses is_weights in the batch
+        is_key = self._recipe_keys["is_weights"]
+        is_weights = td.pop(is_key) if is_key in td.keys(include_nested=True) else None
+        out = self.recipe.loss(td, normalizers=normalizers, is_weights=is_weights)
+        loss_key = self.recipe.loss.out_key("loss")
+        loss = out[loss_key]
         if self.aux_loss_enabled:
             scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / scale
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather(aux_loss.detach()).mean().item())
         for name, value in out.items():
-            if name == "loss":
+            if name == loss_key:
                 continue
             gathered = self.accelerator.gather(value.detach().float().reshape(1))
             self._metrics[mode][f"recipe/{name}"].append(gathered.nanmean().item())

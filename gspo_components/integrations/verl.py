@@ -237,10 +237,10 @@ def verl_policy_loss(recipe: str) -> Callable[..., tuple[torch.Tensor, dict[str,
             "advantages": advantages,
             "response_mask": mask,
         }
-        if weighted:
-            entries["is_weights"] = rollout_is_weights
         td = TensorDict(entries, batch_size=mask.shape[:1])
-        out = loss_module(td, normalizers=_normalizers(mask, aggregation, config))
+        out = loss_module(
+            td, normalizers=_normalizers(mask, aggregation, config), is_weights=rollout_is_weights
+        )
         return out["loss"], _metrics(out, log_prob, old_log_prob, mask, weighted)
 
     policy_loss.__name__ = f"{recipe}_policy_loss"

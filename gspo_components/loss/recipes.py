@@ -44,7 +44,7 @@ from .clipping import CISPOClip, Clipper, PPOClip, SAPOGate, _KernelClipper
 from .filters import TokenFilter, filter_weights
 from .importance import ImportanceWeighter, SequenceLogRatio, SequenceTokenLogRatio, TokenLogRatio
 from .numerics import Padding
-from .objective import Objective, _product
+from .objective import Objective
 from .rollout_correction import RolloutCorrection
 
 __all__ = [
@@ -111,7 +111,8 @@ class PolicyLoss(TensorDictModuleBase):
                 if key not in produced and key not in in_keys:
                     in_keys.append(key)
             produced.update(part.out_keys)
-        self.in_keys = [k for k in in_keys if k != objective.key("loss_weights") or not filters]
+        intermediates = {objective.key("is_weights"), objective.key("loss_weights")}
+        self.in_keys = [k for k in in_keys if k not in intermediates]
         self.out_keys = list(objective.out_keys) + names
         self._one_pass = self._can_run_in_one_pass()
 
@@ -176,18 +177,33 @@ class PolicyLoss(TensorDictModuleBase):
         return self.objective.out_key(name)
 
     def forward(
-        self, tensordict: TensorDictBase, *, normalizers: LossNormalizers | None = None
+        self,
+        tensordict: TensorDictBase,
+        *,
+        normalizers: LossNormalizers | None = None,
+        is_weights: torch.Tensor | None = None,
     ) -> TensorDictBase:
+        """The loss and metrics of one (micro-)batch.
+
+        ``is_weights`` ([N, T] or [N], detached) are rollout-correction weights computed outside
+        the chain, e.g. by a trainer's own correction; they are refused with a ``rollout_correction``
+        part. The batch itself must not carry ``is_weights`` or ``loss_weights``: those are the
+        chain's intermediates, and a stale entry (from another recipe or step) would silently
+        rescale the loss, so it is a ``ValueError``.
+        """
         if not isinstance(tensordict, TensorDictBase):
             raise ValueError(
                 f"PolicyLoss: expects a TensorDict of batch size [N], got {type(tensordict).__name__}"
             )
+        self._check_external_weights(tensordict, is_weights)
         if self._one_pass:
-            return self._forward_one_pass(tensordict, normalizers)
+            return self._forward_one_pass(tensordict, normalizers, is_weights)
         work = tensordict.copy()
         work = self.weighter(work)
         if self.rollout_correction is not None:
             work = self.rollout_correction(work)
+        elif is_weights is not None:
+            work.set(self.objective.key("is_weights"), is_weights)
         metrics: dict[str, torch.Tensor] = {}
         if len(self.filters):
             mask = check_mask("PolicyLoss", "response_mask", work.get(self.objective.key("response_mask")))
@@ -195,33 +211,44 @@ class PolicyLoss(TensorDictModuleBase):
             weights, metrics = filter_weights(list(self.filters), work, pad, torch.float32)
             if weights is not None and weights.dim() == 1:
                 weights = pad.broadcast(weights)
-            key = self.objective.key("loss_weights")
-            previous = work.get(key, None)
-            work.set(key, weights if previous is None else previous * weights)
+            work.set(self.objective.key("loss_weights"), weights)
         work = self.clipper(work)
         out = self.objective(work, normalizers=normalizers)
         for name, value in metrics.items():
             out.set(name, value)
         return out
 
-    def _forward_one_pass(self, td: TensorDictBase, normalizers: LossNormalizers | None) -> TensorDictBase:
+    def _check_external_weights(self, td: TensorDictBase, is_weights: torch.Tensor | None) -> None:
+        for name in ("is_weights", "loss_weights"):
+            key = self.objective.key(name)
+            if key in td.keys(include_nested=True):
+                raise ValueError(
+                    f"PolicyLoss: the batch holds {key!r}, an intermediate of the chain (written by its "
+                    "rollout correction and filters); a stale entry would rescale the loss. Drop it, and "
+                    "pass weights computed outside the chain as loss(td, is_weights=...)"
+                )
+        if is_weights is not None and self.rollout_correction is not None:
+            raise ValueError(
+                "PolicyLoss: is_weights= was passed, but this chain has its own rollout_correction; "
+                "use one of the two"
+            )
+
+    def _forward_one_pass(
+        self, td: TensorDictBase, normalizers: LossNormalizers | None, external: torch.Tensor | None = None
+    ) -> TensorDictBase:
         checks = DeferredChecks("PolicyLoss")
         log_ratio, pad = self.weighter._chain(td, checks)
         is_weights = None
         if self.rollout_correction is not None:
             is_weights = self.rollout_correction._chain(td, pad, checks)
         else:
-            is_weights = self.objective._read_optional(td, "is_weights")
+            is_weights = external
             if is_weights is not None:
-                is_weights = self.objective._clean_is_weights(is_weights, pad, log_ratio.dtype)
-        loss_weights = self.objective._read_optional(td, "loss_weights")
-        if loss_weights is not None:
-            loss_weights = self.objective._clean_weights("loss_weights", loss_weights, pad, log_ratio.dtype)
+                is_weights = self.objective._clean_weights("is_weights", is_weights, pad, log_ratio.dtype)
+        loss_weights = None
         metrics: dict[str, torch.Tensor] = {}
         if len(self.filters):
-            weights, metrics = filter_weights(list(self.filters), td, pad, log_ratio.dtype)
-            if weights is not None:
-                loss_weights = weights if loss_weights is None else _product(loss_weights, weights)
+            loss_weights, metrics = filter_weights(list(self.filters), td, pad, log_ratio.dtype)
         neg, clipped, high, ratio = self.clipper._chain(td, log_ratio, pad, checks)
         out = self.objective._compute(
             td,
