@@ -110,6 +110,13 @@ class RLConfig:
         progress: show a tqdm progress bar.
         seed: ``torch.manual_seed`` at the start of a fresh run.
         routing_replay: ``None``, ``"R2"`` or ``"R3"`` (mixture-of-experts policies, docs/moe.md).
+        dynamic_sampling: DAPO's dynamic sampling (Yu et al., arXiv 2503.14476, §3.2): drop the
+            groups whose valid rewards are all equal (their group-relative advantage is 0) and
+            sample more prompts until the step holds as many groups with varied rewards as the
+            first draw had prompts; surplus groups are cut off. See :func:`train`.
+        max_sampling_rounds: sampling rounds per step at most with ``dynamic_sampling`` (the first
+            draw included); when they are spent the step trains on the groups it has (fewer
+            than asked, possibly none). ``>= 1``.
     """
 
     steps: int
@@ -126,6 +133,8 @@ class RLConfig:
     progress: bool = True
     seed: int = 0
     routing_replay: Literal["R2", "R3"] | None = None
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 10
 
     def __post_init__(self) -> None:
         _check_config(self)
@@ -171,6 +180,8 @@ def _check_config(c: RLConfig) -> None:
     need(isinstance(c.progress, bool), "progress", "a bool")
     need(_is_int(c.seed), "seed", "an int")
     need(c.routing_replay in (None, "R2", "R3"), "routing_replay", "None, 'R2' or 'R3'")
+    need(isinstance(c.dynamic_sampling, bool), "dynamic_sampling", "a bool")
+    need(_is_int(c.max_sampling_rounds) and c.max_sampling_rounds >= 1, "max_sampling_rounds", "an int >= 1")
 
 
 def _attach(td: TensorDictBase, fields: dict[str, list[Any]], repeat: int) -> None:
@@ -402,6 +413,48 @@ def _filter_groups(
     return out
 
 
+def _varied_groups(td: TensorDictBase, group_size: int) -> torch.Tensor:
+    """[P] bool: the groups (``group_size`` consecutive rows) whose valid rewards hold at least two
+    different values. A group with fewer than two valid rows, or a NaN among its valid rewards,
+    is not varied."""
+    n = td.shape[0]
+    rewards = td["rewards"]
+    if not isinstance(rewards, torch.Tensor) or tuple(rewards.shape) != (n,):
+        got = list(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise ValueError(f"train: dynamic sampling needs 'rewards' of shape [N] = [{n}], got {got}")
+    r = rewards.detach().to(torch.float64).view(-1, group_size)
+    valid = td["reward_valid"].view(-1, group_size)
+    hi = torch.where(valid, r, -math.inf).amax(-1)
+    lo = torch.where(valid, r, math.inf).amin(-1)
+    return hi > lo
+
+
+def _cat_rows(parts: list[TensorDictBase]) -> TensorDictBase:
+    """Stack rollouts row-wise; token tensors ([N, T, ...]) of different widths are right-padded
+    with 0 / False (masked out: every consumer reads them through their masks)."""
+    if len(parts) == 1:
+        return parts[0]
+    keys = set(parts[0].keys(include_nested=True, leaves_only=True))
+    for part in parts[1:]:
+        other = set(part.keys(include_nested=True, leaves_only=True))
+        if other != keys:
+            raise ValueError(
+                "train: dynamic sampling: the rollouts of one step must have the same keys; a later round "
+                f"differs by {sorted(map(str, keys ^ other))}"
+            )
+    for key in keys:
+        values = [part.get(key) for part in parts]
+        if not all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in values):
+            continue
+        width = max(v.shape[1] for v in values)
+        for part, v in zip(parts, values, strict=True):
+            if v.shape[1] < width:
+                padded = v.new_zeros((v.shape[0], width, *v.shape[2:]))
+                padded[:, : v.shape[1]] = v
+                part.set(key, padded)
+    return torch.cat(parts, 0)
+
+
 def train(
     policy: torch.nn.Module,
     sampler: Sampler,
@@ -417,6 +470,7 @@ def train(
     lr_scheduler: LRScheduler | None = None,
     logger: MetricsLogger | None = None,
     group_filter: Callable[[TensorDictBase], TensorDictBase] | None = None,
+    more_prompts: Callable[[int, int], PromptBatch] | None = None,
 ) -> list[dict[str, float]]:
     """Run ``config.steps`` RL steps; return the per-step metrics (also resumed history).
 
@@ -434,11 +488,27 @@ def train(
     all equal. ``reward``, ``reward_failures`` and ``accuracy`` describe the whole sample;
     ``filtered_samples`` counts the rows dropped. A step whose filter keeps no row makes no update.
 
+    ``config.dynamic_sampling`` is DAPO's dynamic sampling (arXiv 2503.14476): the groups whose valid
+    rewards are all equal (or that have fewer than two valid samples) are dropped, and prompts are
+    drawn again, ``more_prompts(step, round)`` for round 1, 2, ... (default: ``next_prompts(step)``
+    again, i.e. new samples of the same prompts), until the step holds as many groups with varied
+    rewards as ``next_prompts(step)`` had prompts, or ``config.max_sampling_rounds`` rounds are spent;
+    the first groups in sampling order are kept and the rest cut off, so the batch never exceeds
+    its size. The step then trains on the groups it has (fewer when the rounds ran out, none: no
+    update). It logs ``sampling_rounds`` (rounds drawn), ``filtered_groups`` (groups dropped for equal
+    rewards) and ``kept_groups`` (groups trained on); ``reward``, ``reward_failures``, ``accuracy``
+    and ``response_length`` then describe every sample of every round. ``group_filter`` runs after
+    it, on the kept groups.
+
     The rollout is moved to the policy's device. The reward function must write ``rewards``
     [N]; ``reward_valid`` [N] bool is optional (all valid when absent). Float or integer 0/1
     masks from the sampler are accepted.
     """
     needs_entropy, ref_key = _check_start(policy, sampler, recipe, config, samples_per_prompt, reference)
+    if more_prompts is not None and not config.dynamic_sampling:
+        raise ValueError(
+            "train: more_prompts is only used with RLConfig.dynamic_sampling=True, which is False"
+        )
     loggers: list[MetricsLogger] = []
     if config.log_path is not None:
         loggers.append(JSONLinesLogger(config.log_path))
@@ -505,6 +575,65 @@ def train(
                   done_sampler, done_rng)  # fmt: skip
             saved_step = done_step
 
+    def draw(batch: PromptBatch) -> tuple[TensorDictBase, float]:
+        """Sample, attach the prompt fields, score the rewards; the rollout on the policy's device."""
+        t = time.perf_counter()
+        td = sampler(batch.prompts)
+        seconds = time.perf_counter() - t
+        expected = len(batch.prompts) * samples_per_prompt
+        if td.batch_dims != 1 or td.shape[0] != expected:
+            raise ValueError(
+                f"train: the sampler returned a batch of shape {list(td.shape)} for "
+                f"{len(batch.prompts)} prompts; with samples_per_prompt={samples_per_prompt} it must "
+                f"be [{expected}] (prompt-major: the samples of a prompt are consecutive rows)"
+            )
+        _attach(td, batch.fields, samples_per_prompt)
+        td = reward_fn(td)
+        if "rewards" not in td.keys():
+            raise ValueError(f"train: the reward function {type(reward_fn).__name__} wrote no 'rewards'")
+        if "reward_valid" in td.keys():
+            valid = _check_valid(td["reward_valid"], "reward_valid", expected)
+        else:
+            valid = torch.ones(expected, dtype=torch.bool, device=td["rewards"].device)
+        td = td.to(device)
+        valid = valid.to(device)
+        td["reward_valid"] = valid
+        td["response_mask"] = check_mask("train", "response_mask", td["response_mask"]) & valid.unsqueeze(-1)
+        if "prompt_mask" in td.keys():
+            td["prompt_mask"] = check_mask("train", "prompt_mask", td["prompt_mask"])
+        return td, seconds
+
+    def dynamic_sampling(
+        step: int, batch: PromptBatch, td: TensorDictBase, seconds: float
+    ) -> tuple[TensorDictBase, TensorDictBase, float, dict[str, float]]:
+        """DAPO's dynamic sampling: (kept groups, every sample, sampling seconds, metrics)."""
+        target, group = len(batch.prompts), samples_per_prompt
+        rounds, filtered, kept, everything = 1, 0, [], [td]
+        while True:
+            varied = _varied_groups(td, group)
+            filtered += int((~varied).sum())
+            rows = varied.repeat_interleave(group).nonzero().squeeze(-1)
+            if rows.numel():
+                kept.append(td[rows])
+            have = sum(part.shape[0] for part in kept) // group
+            if have >= target or rounds >= config.max_sampling_rounds:
+                break
+            more = more_prompts(step, rounds) if more_prompts is not None else next_prompts(step)
+            td, more_seconds = draw(more)
+            seconds += more_seconds
+            everything.append(td)
+            rounds += 1
+        kept_td = _cat_rows(kept)[: target * group] if kept else everything[0][:0]
+        if "group_ids" in kept_td.keys():  # rounds number their groups from 0 each: renumber
+            ids = torch.arange(kept_td.shape[0] // group, device=kept_td.device).repeat_interleave(group)
+            kept_td["group_ids"] = ids.to(kept_td["group_ids"].dtype)
+        metrics = {
+            "sampling_rounds": float(rounds),
+            "filtered_groups": float(filtered),
+            "kept_groups": float(kept_td.shape[0] // group),
+        }
+        return kept_td, _cat_rows(everything), seconds, metrics
+
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
@@ -518,32 +647,12 @@ def train(
         for step in range(start, config.steps):
             t0 = time.perf_counter()
             batch = next_prompts(step)
-            td = sampler(batch.prompts)
-            t_sample = time.perf_counter() - t0
-            expected = len(batch.prompts) * samples_per_prompt
-            if td.batch_dims != 1 or td.shape[0] != expected:
-                raise ValueError(
-                    f"train: the sampler returned a batch of shape {list(td.shape)} for "
-                    f"{len(batch.prompts)} prompts; with samples_per_prompt={samples_per_prompt} it must "
-                    f"be [{expected}] (prompt-major: the samples of a prompt are consecutive rows)"
-                )
-            _attach(td, batch.fields, samples_per_prompt)
-            td = reward_fn(td)
-            if "rewards" not in td.keys():
-                raise ValueError(f"train: the reward function {type(reward_fn).__name__} wrote no 'rewards'")
-            if "reward_valid" in td.keys():
-                valid = _check_valid(td["reward_valid"], "reward_valid", expected)
-            else:
-                valid = torch.ones(expected, dtype=torch.bool, device=td["rewards"].device)
-            td = td.to(device)
-            valid = valid.to(device)
-            td["reward_valid"] = valid
-            td["response_mask"] = check_mask("train", "response_mask", td["response_mask"]) & valid.unsqueeze(
-                -1
-            )
-            if "prompt_mask" in td.keys():
-                td["prompt_mask"] = check_mask("train", "prompt_mask", td["prompt_mask"])
+            td, t_sample = draw(batch)
             sampled = td
+            if config.dynamic_sampling:
+                td, sampled, t_sample, sampling = dynamic_sampling(step, batch, td, t_sample)
+            valid = sampled["reward_valid"]
+            collected = td
             if group_filter is not None:
                 td = _filter_groups(group_filter, td)
             has_rows = td.shape[0] > 0
@@ -625,7 +734,9 @@ def train(
                 "skipped_updates": float(skipped),
             }
             if group_filter is not None:
-                metrics["filtered_samples"] = float(sampled.shape[0] - td.shape[0])
+                metrics["filtered_samples"] = float(collected.shape[0] - td.shape[0])
+            if config.dynamic_sampling:
+                metrics.update(sampling)
             if config.accuracy_key is not None:
                 acc = _accuracy(sampled.get(config.accuracy_key).float()[valid], config.accuracy_threshold)
                 if acc is not None:
