@@ -21,6 +21,7 @@ from verl.trainer.ppo.core_algos import get_policy_loss_fn
 from verl.workers.config import ActorConfig, PolicyLossConfig
 
 from gspo_components.loss.algorithms.dppo import DPPOFilter, dppo
+from gspo_components.loss.numerics import Padding
 
 F64 = torch.float64
 MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -100,9 +101,6 @@ def our_loss(b: dict, recipe):
     return out["loss"].detach(), g, out
 
 
-WORST: dict[str, float] = {}
-
-
 @given(
     b=batches(),
     mode=st.sampled_from(["binary_tv", "binary_kl"]),
@@ -116,8 +114,6 @@ def test_dppo_gradient_and_mask_match_verl(b: dict, mode: str, bounds: tuple, ca
     _, o_grad, out = our_loss(
         b, dppo(mode=mode, delta_low=low, delta_high=high, tis_cap=cap, aggregation=agg)
     )
-    diff = (o_grad - v_grad).abs().max().item()
-    WORST["grad"] = max(WORST.get("grad", 0.0), diff)
     # seq-mean-token-mean: verl divides each row by L_i + 1e-8, ours by L_i (relative 1e-8)
     rtol = 2e-8 if agg == "seq-mean-token-mean" else 1e-10
     torch.testing.assert_close(o_grad, v_grad, rtol=rtol, atol=1e-15)
@@ -148,10 +144,7 @@ def test_dppo_value_is_verls_divided_by_log_prob() -> None:
             assert o.item() == pytest.approx(-a * w * keep, rel=1e-12, abs=1e-15)
             assert v.item() == pytest.approx(-a * w * lp * keep, rel=1e-12, abs=1e-15)
             assert keep == expected
-            WORST["value"] = max(WORST.get("value", 0.0), abs(o.item() * lp - v.item()))
 
 
 def _pad_inputs(b: dict):
-    from gspo_components.loss.numerics import Padding
-
     return Padding(b["mask"]), b["log_probs"], b["old_log_probs"], b["advantages"]
