@@ -33,6 +33,7 @@ token exactly Â ∇w, with no tie-splitting at the band's edges.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -230,6 +231,25 @@ def cispo_loss(
     return _finish(*_cispo_kernel(lr, adv, **p), pad)
 
 
+class _CISPOSurrogate(torch.autograd.Function):
+    """−ŵ Â in value with gradient −ŵ Â ∇log w inside the ±bound band (0 outside it, as the clamp
+    of w gives): one fused node instead of the value-plus-zero-bracket form's five passes."""
+
+    @staticmethod
+    def forward(ctx, log_ratio: torch.Tensor, neg: torch.Tensor, bound: float | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.bound = bound
+        ctx.save_for_backward(neg, log_ratio if bound is not None else None)
+        return neg
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        neg, log_ratio = ctx.saved_tensors
+        scale = grad * neg
+        if ctx.bound is not None:
+            scale = scale * (log_ratio.abs() <= ctx.bound).view(torch.uint8).to(scale.dtype)
+        return scale, None, None
+
+
 def _cispo_kernel(
     log_ratio: torch.Tensor,
     adv: torch.Tensor,
@@ -238,21 +258,22 @@ def _cispo_kernel(
     eps_low: float | None,
     max_log_ratio: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(−J, C, C_high) on clean inputs. −J = K + K' · (log w − sg[log w]) with K = sg[−ŵ Â] and K' = K
-    inside the ±max_log_ratio band, 0 outside it (where the clamp stops the gradient): the bracket
-    is exactly 0, so the value is −ŵ Â bit for bit, and the gradient is −ŵ Â ∇ℓ."""
+    """(−J, C, C_high, e) on clean inputs. The value is −ŵ Â with ŵ = clamp(w, 1−ε_low, 1+ε_high)
+    (w itself clamped to [e^−b, e^b], b = ``max_log_ratio``): one clamp with the tighter bounds.
+    The gradient is −ŵ Â ∇ℓ inside the ±b band and 0 outside it, from one autograd node."""
     lr = log_ratio.detach()
-    ratio, raw = clamped_exp(lr, max_log_ratio)
+    raw = torch.exp(lr)
     high = 1.0 + eps_high
-    clipped = above = ratio > high
-    truncated = ratio.clamp(max=high)
+    low = 0.0 if eps_low is None else 1.0 - eps_low
+    if max_log_ratio is not None:
+        high = min(high, math.exp(max_log_ratio))
+        low = max(low, math.exp(-max_log_ratio))
+    clipped = above = raw > 1.0 + eps_high
     if eps_low is not None:
-        clipped = clipped | (ratio < 1.0 - eps_low)
-        truncated = truncated.clamp(min=1.0 - eps_low)
-    neg = truncated * (-adv)
+        clipped = clipped | (raw < 1.0 - eps_low)
+    neg = raw.clamp(min=low if low > 0.0 else None, max=high) * (-adv)
     if log_ratio.requires_grad:
-        gate = neg if max_log_ratio is None else neg * (raw == ratio).view(torch.uint8).to(neg.dtype)
-        neg = torch.addcmul(neg, gate, log_ratio - lr)
+        neg = _CISPOSurrogate.apply(log_ratio, neg, max_log_ratio)
     return neg, clipped, above, raw
 
 
