@@ -34,6 +34,11 @@ from .loss.advantages import (
     leave_one_out_advantages,
 )
 from .loss.aggregation import AGGREGATIONS, LossNormalizers, aggregate, local_normalizers, step_normalizers
+from .loss.algorithms.dppo import DPPOFilter
+from .loss.algorithms.gmpo import GMPOClip
+from .loss.algorithms.m2po import M2POFilter
+from .loss.algorithms.opsm import OPSMFilter
+from .loss.algorithms.top_entropy import TopEntropyFilter
 from .loss.clipping import (
     CISPOClip,
     Clipper,
@@ -70,6 +75,11 @@ __all__ = [
     "AGGREGATIONS",
     "AdvantageEstimator",
     "Clipper",
+    "DPPOFilter",
+    "GMPOClip",
+    "M2POFilter",
+    "OPSMFilter",
+    "TopEntropyFilter",
     "ImportanceWeighter",
     "RECIPES",
     "TokenFilter",

@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
+from .algorithms.cov import clip_cov, kl_cov
+from .algorithms.dppo import dppo
 from .algorithms.gmpo import gmpo
+from .algorithms.luspo import luspo
+from .algorithms.m2po import m2po
+from .algorithms.vespo import vespo
 from .recipes import Recipe, cispo, dapo, dr_grpo, grpo, gspo, gspo_token, sapo
 
 __all__ = ["RECIPES"]
@@ -25,5 +30,11 @@ RECIPES: Mapping[str, Callable[..., Recipe]] = MappingProxyType(
         "cispo": cispo,
         "sapo": sapo,
         "gmpo": gmpo,
+        "dppo": dppo,
+        "m2po": m2po,
+        "clip_cov": clip_cov,
+        "kl_cov": kl_cov,
+        "vespo": vespo,
+        "luspo": luspo,
     }
 )
