@@ -16,9 +16,11 @@ torchrl entry (default key)            recipe key                  how
 dist mask ∧ finite(π_old)              ``response_mask``           which tokens are trained on
 ``"advantage"`` [N, 1, 1] / [N]        ``advantages`` [N]          ``MCAdvantage``: one per sequence
 ``"advantage"`` [N, T_full(, 1)]       ``advantages`` [N, L]       per token (GSPO-token)
-``("next", "ref_log_probs", "full")``  ``ref_log_probs``           only when the recipe has a KL term
+``("next", "ref_log_probs", "full")``  ``ref_log_probs``           only when the recipe reads it (KL)
 ``rollout_log_probs`` (unset)          ``rollout_log_probs``       only when ``set_keys`` names it
-dist entropy                           ``entropy``                 only when ``entropy_coef != 0``
+dist entropy                           ``entropy``                 only when the recipe reads it
+                                                                   (``entropy_coef != 0``, or a
+                                                                   filter / clipper input)
 =====================================  ==========================  ==================================
 
 torchrl keeps full sequences (prompt and response, padded on the left); the recipe's key schema
@@ -28,9 +30,15 @@ positions selected by the mask are gathered, in order, to the front of a ``[N, L
 model unchanged, and the default length of ``seq-mean-token-sum-norm`` is the response width, not
 the width of prompt and response together.
 
+Any recipe works, user-written ones included: what is read is derived from the recipe's parts
+(the entries its weighter, filters and clipper declare, and its Objective's KL / entropy terms);
+a recipe that reads an entry this table cannot supply is refused at construction with a
+``ValueError`` naming it.
+
 The output is a TensorDict of batch size ``[]`` in torchrl's convention: ``loss_objective`` (the
-recipe's ``loss``, KL and entropy terms included, so summing every ``loss_*`` entry is right) and
-the recipe's detached metrics (``clip_fraction``, ``ratio_mean``, ``kl``, ...).
+recipe's loss, read through ``policy_loss.out_key("loss")``, KL and entropy terms included, so
+summing every ``loss_*`` entry is right) and the recipe's detached metrics (``clip_fraction``,
+``ratio_mean``, ``kl``, ``filtered_<name>`` of its filters, ...).
 
 Micro-batches: pass ``normalizers=`` (see :meth:`RecipeLoss.step_normalizers`) to make the gradient
 summed over micro-batches equal the whole batch's, for every aggregation.
@@ -50,8 +58,20 @@ from torchrl.objectives import LossModule
 from ..loss._module import key_of
 from ..loss.aggregation import LossNormalizers, step_normalizers
 from ..loss.recipes import PolicyLoss, Recipe
+from ._recipes import check_inputs, reads
 
 __all__ = ["RecipeLoss", "compact_response"]
+
+# The recipe entries RecipeLoss can build from torchrl's layout (module table).
+TORCHRL_INPUTS = (
+    "log_probs",
+    "old_log_probs",
+    "advantages",
+    "response_mask",
+    "ref_log_probs",
+    "rollout_log_probs",
+    "entropy",
+)
 
 MaskingStrategy = Literal["sft", "rlhf", "generic"]
 _STRATEGIES = ("sft", "rlhf", "generic")
@@ -126,10 +146,18 @@ class RecipeLoss(LossModule):
                 f"RecipeLoss: masking_strategy must be one of {list(_STRATEGIES)}, got {masking_strategy!r}"
             )
         policy_loss = recipe.loss if isinstance(recipe, Recipe) else recipe
-        if not isinstance(policy_loss, TensorDictModuleBase):
+        if not isinstance(policy_loss, PolicyLoss):
             raise ValueError(
                 f"RecipeLoss: recipe must be a Recipe or a PolicyLoss, got {type(recipe).__name__}"
             )
+        recipe_name = recipe.name if isinstance(recipe, Recipe) else type(recipe).__name__
+        check_inputs(
+            "RecipeLoss",
+            recipe_name,
+            policy_loss,
+            TORCHRL_INPUTS,
+            "write the entry into the recipe's batch yourself and call recipe.loss directly",
+        )
         if getattr(actor_network, "generate", False):
             raise ValueError(
                 "RecipeLoss: actor_network must score tokens (generate=False); build one with "
@@ -137,12 +165,13 @@ class RecipeLoss(LossModule):
             )
         self.actor_network = actor_network
         self.policy_loss = policy_loss
-        self.recipe_name = recipe.name if isinstance(recipe, Recipe) else type(recipe).__name__
+        self.recipe_name = recipe_name
         self.masking_strategy = masking_strategy
-        objective = getattr(policy_loss, "objective", None)
-        self._kl_coef = float(getattr(objective, "kl_coef", 0.0))
-        self._entropy_coef = float(getattr(objective, "entropy_coef", 0.0))
-        self._max_length = getattr(objective, "max_length", None)
+        self._needs_ref = reads(policy_loss, "ref_log_probs")
+        self._needs_rollout = reads(policy_loss, "rollout_log_probs")
+        self._needs_entropy = reads(policy_loss, "entropy")
+        self._max_length = policy_loss.objective.max_length
+        self._loss_key = policy_loss.out_key("loss")
         self._key = {
             name: key_of(policy_loss, name)
             for name in (
@@ -164,7 +193,7 @@ class RecipeLoss(LossModule):
         keys = list(getattr(actor, "in_keys", []) or [])
         k = self.tensor_keys
         keys += [k.action, k.sample_log_prob, k.advantage]
-        if getattr(self, "_kl_coef", 0.0) > 0:
+        if getattr(self, "_needs_ref", False):
             keys.append(k.ref_log_probs)
         if k.rollout_log_probs is not None:
             keys.append(k.rollout_log_probs)
@@ -177,7 +206,8 @@ class RecipeLoss(LossModule):
     @property
     def out_keys(self) -> list[NestedKey]:
         policy_loss = self.__dict__.get("_modules", {}).get("policy_loss")
-        return ["loss_objective", *[k for k in getattr(policy_loss, "out_keys", []) if k != "loss"]]
+        loss_key = getattr(self, "_loss_key", "loss")
+        return ["loss_objective", *[k for k in getattr(policy_loss, "out_keys", []) if k != loss_key]]
 
     @out_keys.setter
     def out_keys(self, value: object) -> None:
@@ -330,16 +360,24 @@ class RecipeLoss(LossModule):
         n, width = mask.shape
         adv = self._advantages(td, n, width)
         ref = rollout = entropy = None
-        if self._kl_coef > 0:
+        if self._needs_ref:
             ref = td.get(k.ref_log_probs, None, as_padded_tensor=True, padding_side="left", padding_value=0.0)
             if ref is None:
-                raise ValueError(f"RecipeLoss: the recipe has a KL term but {k.ref_log_probs!r} is missing")
+                raise ValueError(
+                    f"RecipeLoss: recipe {self.recipe_name!r} reads ref_log_probs (a KL term) but "
+                    f"{k.ref_log_probs!r} is missing"
+                )
             ref = ref.reshape(n, -1) if ref.dim() == 3 else ref
         if k.rollout_log_probs is not None:
             rollout = td.get(
                 k.rollout_log_probs, as_padded_tensor=True, padding_side="left", padding_value=0.0
             )
-        if self._entropy_coef != 0:
+        elif self._needs_rollout:
+            raise ValueError(
+                f"RecipeLoss: recipe {self.recipe_name!r} reads rollout_log_probs (the engine's log-probs); "
+                "name their key with loss.set_keys(rollout_log_probs=...)"
+            )
+        if self._needs_entropy:
             entropy = dist.entropy()
         per_token_adv = adv if adv.dim() == 2 else None
         compact, (lp, old_c, adv_c, ref_c, rollout_c, ent_c) = compact_response(
@@ -355,8 +393,8 @@ class RecipeLoss(LossModule):
             if value is not None:
                 batch[self._key[name]] = value
         out = self.policy_loss(TensorDict(batch, batch_size=[n]), normalizers=normalizers)
-        result = TensorDict({"loss_objective": out["loss"]}, batch_size=[])
+        result = TensorDict({"loss_objective": out[self._loss_key]}, batch_size=[])
         for key, value in out.items():
-            if key != "loss":
+            if key != self._loss_key:
                 result.set(key, value.detach())
         return result
