@@ -131,6 +131,7 @@ def _batch(seed: int, n: int = 6, t: int = 9, garbage: float = float("nan")) -> 
         log_probs=lp.requires_grad_(),
         old_log_probs=old,
         entropy=entropy,
+        response_ids=torch.randint(3, 9, (n, t), generator=g),
         advantages=adv,
         response_mask=mask,
         batch_size=[n],
@@ -424,3 +425,11 @@ def test_every_stock_recipe_runs_both_paths_with_inert_padding(key: str, garbage
         results.append((out["loss"], grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-8)
+
+
+def test_required_keys_name_what_the_parts_read() -> None:
+    assert "entropy" not in gc.grpo().loss.required_keys
+    assert "entropy" in gc.grpo(filters=[gc.TopEntropyFilter(0.2)]).loss.required_keys
+    assert "entropy" in gc.aspo().loss.required_keys
+    assert "rollout_log_probs" in gc.grpo(rollout_correction=gc.RolloutCorrection()).loss.required_keys
+    assert "log_ratio" not in gc.grpo().loss.required_keys  # written by the weighter

@@ -159,6 +159,21 @@ class PolicyLoss(TensorDictModuleBase):
             [*external, mask_key]
         )
 
+    @property
+    def required_keys(self) -> list[NestedKey]:
+        """The batch keys the chain cannot run without (its parts' required inputs, less what an
+        earlier part writes): e.g. ``entropy`` when a filter or clipper reads it."""
+        keys: list[NestedKey] = []
+        produced: set = set()
+        parts = (self.weighter, self.rollout_correction, *self.filters, self.clipper, self.objective)
+        for part in (p for p in parts if p is not None):
+            for name in getattr(part, "_required_in", ()):
+                key = part.key(name)
+                if key not in produced and key not in keys:
+                    keys.append(key)
+            produced.update(part.out_keys)
+        return keys
+
     def key(self, name: str) -> NestedKey:
         """The key the chain uses for the canonical entry ``name``: that of the first part, in
         chain order, that declares it (``KeyError`` when none does)."""

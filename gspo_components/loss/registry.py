@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
+from .algorithms.aspo import aspo
+from .algorithms.ce_gppo import ce_gppo
 from .algorithms.cov import clip_cov, kl_cov
 from .algorithms.dppo import dppo
 from .algorithms.gmpo import gmpo
+from .algorithms.gtpo import gtpo
 from .algorithms.luspo import luspo
 from .algorithms.m2po import m2po
 from .algorithms.vespo import vespo
@@ -36,5 +39,8 @@ RECIPES: Mapping[str, Callable[..., Recipe]] = MappingProxyType(
         "kl_cov": kl_cov,
         "vespo": vespo,
         "luspo": luspo,
+        "gtpo": gtpo,
+        "aspo": aspo,
+        "ce_gppo": ce_gppo,
     }
 )

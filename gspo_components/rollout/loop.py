@@ -368,7 +368,9 @@ def _check_start(
             f"train: reference is on {_device_of(reference)} but the policy is on {_device_of(policy)}; "
             "put both on the same device"
         )
-    return entropy_coef != 0, ref_key
+    entropy_key = key_of(recipe.loss, "entropy")
+    needs_entropy = entropy_coef != 0 or entropy_key in getattr(recipe.loss, "required_keys", ())
+    return needs_entropy, ref_key
 
 
 def _accuracy(values: torch.Tensor, threshold: float | None) -> float | None:
