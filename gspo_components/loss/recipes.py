@@ -300,11 +300,7 @@ class Recipe:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Recipe: 'name' must be a non-empty str, got {self.name!r}")
-        if not isinstance(self.loss, PolicyLoss):
-            raise ValueError(
-                f"Recipe {self.name!r}: 'loss' must be a PolicyLoss, got {type(self.loss).__name__}"
-            )
-        level = getattr(self.loss.weighter, "level", None)
+        level = getattr(getattr(self.loss, "weighter", None), "level", None)
         if level == "sequence" and getattr(self.advantage, "per_token", False):
             raise ValueError(
                 f"Recipe {self.name!r}: {type(self.loss.weighter).__name__} gives one ratio per response "
