@@ -433,3 +433,10 @@ def test_required_keys_name_what_the_parts_read() -> None:
     assert "entropy" in gc.aspo().loss.required_keys
     assert "rollout_log_probs" in gc.grpo(rollout_correction=gc.RolloutCorrection()).loss.required_keys
     assert "log_ratio" not in gc.grpo().loss.required_keys  # written by the weighter
+
+
+def test_the_docs_recipe_table_lists_exactly_the_registry() -> None:
+    text = (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8")
+    section = text.split("## The stock recipes", 1)[1].split("\n## ", 1)[0]
+    names = [line.split("`")[1].removesuffix("()") for line in section.splitlines() if line.startswith("| `")]
+    assert names == list(gc.RECIPES), "docs/recipes.md's table and gspo_components.RECIPES differ"
