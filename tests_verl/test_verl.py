@@ -45,11 +45,15 @@ from verl.workers.config import ActorConfig, PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
 import gspo_components.integrations.verl as verl_adapter
+from gspo_components import RECIPES
 from gspo_components.integrations.verl import RECIPE_NAMES, register_verl_losses, verl_policy_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 PREFIX = "gspo_components/"
+VERL_INPUTS = {"log_probs", "old_log_probs", "advantages", "response_mask"}  # what verl hands a policy loss
+# The stock recipes verl can feed: those whose chain needs nothing else (PolicyLoss.required_keys).
+VERL_RECIPES = sorted(name for name, make in RECIPES.items() if set(make().loss.required_keys) <= VERL_INPUTS)
 register_verl_losses()
 # The adapter warns once per process when verl's loss_agg_mode is not the recipe's own;
 # test_verl_defaults_to_token_mean checks that warning, the other tests choose the mode on purpose.
@@ -266,7 +270,16 @@ def test_token_ppo_recipes_are_verl_vanilla_without_dual_clip(recipe: str, data:
 
 def test_registered_through_verls_registry() -> None:
     registered = register_verl_losses()
-    assert sorted(registered) == sorted(PREFIX + r for r in RECIPE_NAMES)
+    assert sorted(registered) == sorted(PREFIX + r for r in VERL_RECIPES)  # from RECIPES, no other list
+    assert "gspo_token" in VERL_RECIPES  # the parity tests below use it
+    assert sorted(verl_adapter.UNSUPPORTED) == sorted(set(RECIPES) - set(VERL_RECIPES))
+    for name in verl_adapter.UNSUPPORTED:  # left out, and refused when named, naming the entries
+        missing = sorted(set(RECIPES[name]().loss.required_keys) - VERL_INPUTS)
+        with pytest.raises(
+            ValueError, match=re.escape(f"reads {missing}, which this trainer does not provide")
+        ):
+            verl_policy_loss(name)
+    assert RECIPE_NAMES == tuple(RECIPES)  # the old name, kept for existing callers
     for name, fn in registered.items():
         assert get_policy_loss_fn(name) is fn
         assert core_algos.POLICY_LOSS_REGISTRY[name] is fn
@@ -277,7 +290,7 @@ def test_registered_through_verls_registry() -> None:
     assert get_policy_loss_fn("mine:gspo") is custom["mine:gspo"]
     with pytest.raises(ValueError, match="Unsupported loss mode"):
         get_policy_loss_fn(PREFIX + "not_a_recipe")
-    with pytest.raises(ValueError, match="recipe must be one of"):
+    with pytest.raises(ValueError, match=r"name of a stock recipe \(one of \['grpo'.*got 'ppo'"):
         verl_policy_loss("ppo")
 
 
@@ -297,7 +310,7 @@ def test_verl_loads_the_plugin_in_every_process() -> None:
     """verl's ``verl.plugins`` entry points run at ``import verl`` (so in its Ray workers too):
     a fresh interpreter that only imports verl has the losses; with plugins off it has none."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
-    assert _registered_in_fresh_process(env) == sorted(PREFIX + r for r in RECIPE_NAMES)
+    assert _registered_in_fresh_process(env) == sorted(PREFIX + r for r in VERL_RECIPES)
     assert _registered_in_fresh_process({**env, "VERL_USE_EXTERNAL_PLUGINS": "none"}) == []
 
 

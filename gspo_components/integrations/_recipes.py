@@ -21,10 +21,15 @@ _INTERMEDIATES = frozenset({"log_ratio", "token_loss", "clipped", "is_weights", 
 
 def stock_or_recipe(where: str, recipe: object) -> Recipe:
     """``recipe`` as a Recipe: a name in :data:`RECIPES` is built with its defaults."""
-    if isinstance(recipe, Recipe):
-        return recipe
     if isinstance(recipe, str) and recipe in RECIPES:
-        return RECIPES[recipe]()
+        recipe = RECIPES[recipe]()
+    if isinstance(recipe, Recipe):
+        if not isinstance(recipe.loss, PolicyLoss):
+            raise ValueError(
+                f"{where}: recipe {recipe.name!r} must have a gspo_components PolicyLoss as its loss "
+                f"(the adapter reads its parts), got {type(recipe.loss).__name__}"
+            )
+        return recipe
     raise ValueError(
         f"{where}: recipe must be a gspo_components Recipe or the name of a stock recipe "
         f"(one of {list(RECIPES)}), got {recipe!r}"
