@@ -36,16 +36,14 @@ from hypothesis import strategies as st
 from strategies import PolicyBatch, policy_batches
 from tensordict import TensorDict
 
-from gspo_components import AGGREGATIONS, cispo, dapo, dr_grpo, grpo, gspo, gspo_token
+import gspo_components as gc
+from gspo_components import AGGREGATIONS, dapo, dr_grpo, grpo, gspo
 from gspo_components.loss.recipes import Recipe
 
+# Every registered recipe whose parts compute each response's loss from that response alone
+# (PolicyLoss.micro_batch_exact); the others are checked to say so.
 RECIPES: dict[str, Callable[..., Recipe]] = {
-    "grpo": grpo,
-    "gspo": gspo,
-    "gspo_token": gspo_token,
-    "dr_grpo": dr_grpo,
-    "dapo": dapo,
-    "cispo": cispo,
+    name: factory for name, factory in gc.RECIPES.items() if factory().loss.micro_batch_exact
 }
 
 
@@ -388,3 +386,11 @@ def test_empty_micro_batch_with_step_normalizers_contributes_exact_zero() -> Non
         assert torch.equal(grad, torch.zeros_like(grad))
         with pytest.raises(ValueError, match="selects no token"):
             recipe.loss(empty)
+
+
+def test_recipes_with_batch_statistics_say_so() -> None:
+    """The recipes left out above are exactly those with a part that reads the whole batch."""
+    coupled = sorted(set(gc.RECIPES) - set(RECIPES))
+    assert coupled == ["aspo", "clip_cov", "gtpo", "kl_cov", "m2po"]
+    assert not gc.grpo(filters=[gc.TopEntropyFilter(0.2)]).loss.micro_batch_exact
+    assert gc.grpo(filters=[gc.OPSMFilter(0.1)]).loss.micro_batch_exact

@@ -26,6 +26,9 @@ def _td(n: int = 4, t: int = 5, *, lengths=(5, 3, 2, 4), dtype=torch.float32, de
             "ref_log_probs": old.to(device),
             "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=dtype).to(device),
             "response_mask": mask.to(device),
+            "entropy": torch.linspace(0.1, 2.0, n * t, dtype=dtype).view(n, t).to(device),
+            "response_ids": torch.arange(n * t).view(n, t).remainder(5).to(device),
+            "group_ids": torch.tensor([0, 0, 1, 1]).to(device),
         },
         batch_size=[n],
         device=None,
@@ -74,7 +77,7 @@ def test_all_padding_batch_without_validation_gives_an_exact_zero() -> None:
 # -- non-finite valid inputs ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["grpo", "gspo", "gspo_token", "dr_grpo", "dapo", "cispo"])
+@pytest.mark.parametrize("name", list(gc.RECIPES))
 @pytest.mark.parametrize("bad", [INF, -INF, NAN])
 @pytest.mark.parametrize("key", ["log_probs", "old_log_probs"])
 def test_non_finite_valid_log_prob_is_an_error(name: str, bad: float, key: str) -> None:

@@ -362,6 +362,10 @@ class Clipper(KeyedModule):
     mean; ``token_loss`` then holds [N].
     """
 
+    uses_batch_statistics: bool = False
+    """True when a response's loss depends on other responses of the call (a batch quantile, a
+    batch covariance): then splitting a step into micro-batches changes the loss."""
+
     inputs: tuple[str, ...] = ()
     """Canonical names of extra TensorDict entries :meth:`surrogate` receives as keyword arguments
     (raw: clean them with ``padding.zero``); renamable through ``in_keys``."""

@@ -53,6 +53,10 @@ class TokenFilter(KeyedModule):
     ``Filter``/``Mask`` suffix), and implement :meth:`keep`.
     """
 
+    uses_batch_statistics: bool = False
+    """True when a response's loss depends on other responses of the call (a batch quantile, a
+    batch covariance): then splitting a step into micro-batches changes the loss."""
+
     inputs: tuple[str, ...] = ()
     name: str = ""
 

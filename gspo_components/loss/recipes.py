@@ -160,6 +160,14 @@ class PolicyLoss(TensorDictModuleBase):
         )
 
     @property
+    def micro_batch_exact(self) -> bool:
+        """Whether micro-batches with the step's normalisers reproduce the whole batch's loss and
+        gradient exactly: False when a part computes statistics over the call's batch
+        (``uses_batch_statistics``), e.g. a top-entropy quantile or M2PO's second-moment budget."""
+        parts = (self.weighter, self.rollout_correction, *self.filters, self.clipper)
+        return not any(getattr(p, "uses_batch_statistics", False) for p in parts if p is not None)
+
+    @property
     def required_keys(self) -> list[NestedKey]:
         """The batch keys the chain cannot run without (its parts' required inputs, less what an
         earlier part writes): e.g. ``entropy`` when a filter or clipper reads it."""

@@ -53,6 +53,10 @@ class ASPOClip(Clipper):
     ``entropy`` besides the log-ratio and the advantages. ``clipped`` marks the tokens whose ratio
     the band cut (no gradient) and those of the dual-clip branches."""
 
+    uses_batch_statistics = (
+        True  # the entropy quantile over the batch's responses: micro-batches give a different loss
+    )
+
     inputs = ("log_probs", "entropy")
 
     def __init__(

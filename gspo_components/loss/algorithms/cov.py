@@ -81,6 +81,10 @@ class ClipCovClip(Clipper):
     counts only the latter).
     """
 
+    uses_batch_statistics = (
+        True  # the covariance is centred on batch means: micro-batches give a different loss
+    )
+
     inputs = ("log_probs",)
 
     def __init__(
@@ -135,6 +139,10 @@ class KLCovPenalty(Clipper):
     """KL-Cov: the unclipped surrogate −w Â, plus ``kl_coef``·|ℓ − ℓ^old| on the top ``kl_ratio``
     fraction of the valid tokens by Cov. Reads ``log_probs``. Nothing is clipped (``clipped`` is
     all False)."""
+
+    uses_batch_statistics = (
+        True  # the covariance is centred on batch means: micro-batches give a different loss
+    )
 
     inputs = ("log_probs",)
 

@@ -79,6 +79,10 @@ class GTPOConflictFilter(TokenFilter):
     """GTPO's conflict-token weights δ_{i,t} / n_i (module doc), [N, T] float ≥ 0. Reads
     ``response_ids`` [N, T] (integer), ``group_ids`` [N] (integer) and ``advantages`` [N]."""
 
+    uses_batch_statistics = (
+        True  # conflict tokens are found across the responses of a group: micro-batches give a different loss
+    )
+
     inputs = ("response_ids", "group_ids", "advantages")
     name = "gtpo_conflict"
 

@@ -66,6 +66,10 @@ class M2POFilter(TokenFilter):
     with ``tokens="trust_region"``). Metric: ``filtered_m2po``.
     """
 
+    uses_batch_statistics = (
+        True  # the second-moment budget is over the batch's tokens: micro-batches give a different loss
+    )
+
     inputs = ("log_probs", "old_log_probs", "advantages")
     name = "m2po"
 

@@ -39,6 +39,10 @@ class TopEntropyFilter(TokenFilter):
     Metric: ``filtered_top_entropy``.
     """
 
+    uses_batch_statistics = (
+        True  # the entropy quantile is over the batch's tokens: micro-batches give a different loss
+    )
+
     inputs = ("entropy",)
 
     def __init__(self, quantile: float = 0.2, **keys: Any) -> None:
