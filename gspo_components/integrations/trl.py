@@ -17,8 +17,20 @@ per-token log-probs of the model     ``log_probs``          carries the gradient
 ``sampling_per_token_logps``         ``rollout_log_probs``  vLLM's log-probs, for a recipe built
                                                             with ``rollout_correction=``
 ``importance_sampling_ratio``        ``is_weights``         TRL's own vLLM correction, when on
-entropies (when needed)              ``entropy``            only for ``entropy_coef != 0``
+                                                            (passed as ``loss(td, is_weights=)``)
+entropies (when needed)              ``entropy``            only when the recipe reads them
+                                                            (``entropy_coef != 0``, a filter)
 ===================================  =====================  ====================================
+
+**Any recipe.** A stock recipe or one written with :func:`~gspo_components.compose` (custom
+clippers and filters included). What the trainer feeds it is derived from its parts; a recipe
+reading an entry the table cannot supply is refused at construction. The recipe decides the
+objective, so TRL's ``loss_type`` and ``importance_sampling_level`` are not read: a non-default
+value gives a ``UserWarning`` naming it. TRL's two token masks become filters appended to a copy
+of the recipe's: ``top_entropy_quantile = ρ < 1`` adds
+:class:`~gspo_components.loss.algorithms.top_entropy.TopEntropyFilter` (ρ), and
+``off_policy_mask_threshold = δ`` adds :class:`~gspo_components.loss.algorithms.opsm.OPSMFilter`
+(δ) measured, as TRL does, from vLLM's log-probs when the batch has them and from π_old otherwise.
 
 **Exact normalisation across micro-batches.** TRL splits each generation batch into
 ``steps_per_generation`` micro-batches and accumulates ``gradient_accumulation_steps`` of them per
@@ -42,16 +54,20 @@ gradient_accumulation_steps``, is); other settings are refused at construction.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from tensordict import NestedKey, TensorDict
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
 from ..loss._module import key_of
 from ..loss.aggregation import LossNormalizers, step_normalizers
+from ..loss.algorithms.opsm import OPSMFilter
+from ..loss.algorithms.top_entropy import TopEntropyFilter
 from ..loss.recipes import Recipe
+from ._recipes import check_inputs, reads, with_filters
 
 __all__ = ["RecipeGRPOTrainer", "trl_batch_to_tensordict"]
 
@@ -77,6 +93,10 @@ _CANONICAL = (
     "is_weights",
     "entropy",
 )
+# TRL's batch holds the log-probs OPSM measures the drift from here: vLLM's when present, else π_old.
+_OPSM_KEY = "trl_opsm_sampling_log_probs"
+# GRPOConfig settings the recipe replaces: a non-default value is ignored, with a warning.
+_IGNORED = ("loss_type", "importance_sampling_level")
 
 
 def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
@@ -146,8 +166,6 @@ def _check_args(args: Any, recipe: Recipe) -> None:
             "recipe's kl_coef weights the KL term)"
         )
     unsupported = {
-        "top_entropy_quantile": (getattr(args, "top_entropy_quantile", 1.0), 1.0),
-        "off_policy_mask_threshold": (getattr(args, "off_policy_mask_threshold", None), None),
         "delta": (getattr(args, "delta", None), None),
         "entropy_coef": (getattr(args, "entropy_coef", 0.0), 0.0),
         "use_adaptive_entropy": (getattr(args, "use_adaptive_entropy", False), False),
@@ -160,6 +178,56 @@ def _check_args(args: Any, recipe: Recipe) -> None:
             f"{where}: {', '.join(changed)} change TRL's loss and are not applied to a recipe; leave "
             "them at their defaults (use the recipe's entropy_coef for an entropy bonus)"
         )
+    quantile = getattr(args, "top_entropy_quantile", 1.0)
+    if not 0.0 <= float(quantile) <= 1.0:
+        raise ValueError(f"{where}: GRPOConfig.top_entropy_quantile must be in [0, 1], got {quantile!r}")
+    for name, filter_name in (("top_entropy_quantile", "top_entropy"), ("off_policy_mask_threshold", "opsm")):
+        if _trl_filter_on(args, name) and any(f.name == filter_name for f in recipe.loss.filters):
+            raise ValueError(
+                f"{where}: GRPOConfig.{name} = {getattr(args, name)!r} would add a {filter_name!r} filter, "
+                f"but the recipe {recipe.name!r} already has one; set it in one place"
+            )
+
+
+def _trl_filter_on(args: Any, name: str) -> bool:
+    value = getattr(args, name, None)
+    return value is not None and (name != "top_entropy_quantile" or float(value) < 1.0)
+
+
+def _warn_ignored(args: Any, recipe: Recipe) -> None:
+    """One UserWarning per GRPOConfig setting that the recipe replaces and that is not TRL's default."""
+    aggregation = recipe.loss.objective.aggregation
+    weighter = type(recipe.loss.weighter).__name__
+    for name in _IGNORED:
+        value = getattr(args, name, None)
+        default = GRPOConfig.__dataclass_fields__[name].default
+        if value != default:
+            warnings.warn(
+                f"RecipeGRPOTrainer: GRPOConfig.{name}={value!r} is ignored: the recipe {recipe.name!r} "
+                f"decides the loss (its weighter {weighter}, its aggregation {aggregation!r}); leave "
+                f"{name} at TRL's default {default!r} or build the recipe you want",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def _with_trl_filters(recipe: Recipe, args: Any, keys: dict[str, NestedKey]) -> Recipe:
+    """The recipe with TRL's token masks appended as filters (a copy; the recipe is not changed)."""
+    added = []
+    if _trl_filter_on(args, "top_entropy_quantile"):
+        added.append(TopEntropyFilter(float(args.top_entropy_quantile), in_keys={"entropy": keys["entropy"]}))
+    if _trl_filter_on(args, "off_policy_mask_threshold"):
+        added.append(
+            OPSMFilter(
+                float(args.off_policy_mask_threshold),
+                in_keys={
+                    "log_probs": keys["log_probs"],
+                    "old_log_probs": _OPSM_KEY,
+                    "advantages": keys["advantages"],
+                },
+            )
+        )
+    return with_filters(recipe, added) if added else recipe
 
 
 class RecipeGRPOTrainer(GRPOTrainer):
@@ -169,17 +237,19 @@ class RecipeGRPOTrainer(GRPOTrainer):
         *args, **kwargs: ``GRPOTrainer``'s arguments (model, reward_funcs, args, datasets, ...).
         recipe: the :class:`~gspo_components.Recipe` whose ``.loss`` replaces TRL's loss. TRL's
             ``loss_type``, ``importance_sampling_level``, ``epsilon`` and ``epsilon_high`` are then
-            unused. ``GRPOConfig.beta`` must equal the recipe's ``kl_coef`` (TRL loads the
-            reference model only when ``beta > 0``).
+            unused (a non-default ``loss_type`` or ``importance_sampling_level`` warns).
+            ``GRPOConfig.beta`` must equal the recipe's ``kl_coef`` (TRL loads the reference model
+            only when ``beta > 0``). ``top_entropy_quantile`` and ``off_policy_mask_threshold``
+            add TopEntropyFilter / OPSMFilter to a copy of the recipe (``self.recipe``).
         advantages: ``"trl"`` (default) keeps TRL's advantages; ``"recipe"`` recomputes them from
             the same rewards with ``recipe.advantage`` (groups of ``num_generations``).
         token_advantages: ``fn(batch) -> Tensor[B, T]``, called once per generation batch (on each
             process's share) after the advantages; its result replaces ``batch["advantages"]``.
 
     Raises ``ValueError`` at construction for TRL options that change TRL's loss and that a recipe
-    does not reproduce (``top_entropy_quantile``, ``off_policy_mask_threshold``, ``delta``, entropy
-    bonus, ``use_bias_correction_kl`` with ``beta > 0``), and for micro-batch layouts without
-    exact normalisers.
+    does not reproduce (``delta``, entropy bonus, ``use_bias_correction_kl`` with ``beta > 0``),
+    for a recipe that reads an entry TRL's batch does not hold, and for micro-batch layouts
+    without exact normalisers.
     """
 
     def __init__(
@@ -201,10 +271,27 @@ class RecipeGRPOTrainer(GRPOTrainer):
             _check_args(config, recipe)
         super().__init__(*args, **kwargs)
         _check_args(self.args, recipe)
+        _warn_ignored(self.args, recipe)
+        keys = {name: key_of(recipe.loss, name) for name in _CANONICAL}
+        recipe = _with_trl_filters(recipe, self.args, keys)
+        available = ["log_probs", "old_log_probs", "advantages", "response_mask", "entropy"]
+        if float(self.args.beta) > 0:
+            available.append("ref_log_probs")
+        if self.use_vllm:
+            available.append("rollout_log_probs")
+        check_inputs(
+            "RecipeGRPOTrainer",
+            recipe.name,
+            recipe.loss,
+            available,
+            "TRL's batch has ref_log_probs only with beta > 0 and rollout_log_probs only with vLLM",
+        )
         self.recipe = recipe
         self.advantage_source = advantages
         self.token_advantages = token_advantages
-        self._recipe_keys = {name: key_of(recipe.loss, name) for name in _CANONICAL}
+        self._recipe_keys = keys
+        self._opsm = _trl_filter_on(self.args, "off_policy_mask_threshold")
+        self._needs_entropy = reads(recipe.loss, "entropy")
         self._last_rewards_per_func: torch.Tensor | None = None
         if advantages == "recipe" and self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError(
@@ -299,18 +386,23 @@ class RecipeGRPOTrainer(GRPOTrainer):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        objective = self.recipe.loss.objective
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
             input_ids,
             attention_mask,
             completion_ids.size(1),
-            compute_entropy=objective.entropy_coef != 0,
+            compute_entropy=self._needs_entropy,
             compute_aux_loss=self.aux_loss_enabled,
             **{name: inputs.get(name) for name in _MODEL_KWARGS},
         )
         mode = "train" if self.model.training else "eval"
         td = trl_batch_to_tensordict(inputs, per_token_logps, entropies=entropies, keys=self._recipe_keys)
+        if self._opsm:  # TRL's rule: the drift from vLLM's log-probs when present, else from π_old
+            sampling = self._recipe_keys["rollout_log_probs"]
+            source = (
+                sampling if sampling in td.keys(include_nested=True) else self._recipe_keys["old_log_probs"]
+            )
+            td.set(_OPSM_KEY, td.get(source))
         normalizers = self._step_normalizers(inputs) if mode == "train" else None
         # TRL's own vLLM correction is passed explicitly: the chain refuses is_weights in the batch
         is_key = self._recipe_keys["is_weights"]

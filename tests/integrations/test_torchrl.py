@@ -10,6 +10,7 @@ is built independently of the adapter.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import tensordict
@@ -111,7 +112,8 @@ def _reference(recipe: gc.Recipe, model, batch, *, advantage_key="advantage"):
     attention = batch["masks", "all_attention_mask"]
     p = batch["tokens", "prompt"].shape[-1]
     logits = model(input_ids=tokens, attention_mask=attention.long()).logits.float()
-    log_probs = torch.log_softmax(logits[:, p - 1 : -1], -1).gather(-1, tokens[:, p:, None]).squeeze(-1)
+    log_softmax = torch.log_softmax(logits[:, p - 1 : -1], -1)
+    log_probs = log_softmax.gather(-1, tokens[:, p:, None]).squeeze(-1)
     n = tokens.shape[0]
     adv = batch[advantage_key]
     adv = adv.reshape(n) if adv[0].numel() == 1 else adv.squeeze(-1)[:, p:]
@@ -122,6 +124,7 @@ def _reference(recipe: gc.Recipe, model, batch, *, advantage_key="advantage"):
             "ref_log_probs": batch["next", "ref_log_probs", "full"][:, p:],
             "advantages": adv,
             "response_mask": attention[:, p:],
+            "entropy": -(log_softmax.exp() * log_softmax).sum(-1),
         },
         batch_size=[n],
     )
@@ -154,10 +157,31 @@ CASES["grpo-kl"] = (gc.grpo(kl_coef=0.05), "advantage")
 CASES["gspo_token-per-token-advantages"] = (gc.gspo_token(), "token_advantage")
 
 
+# What RecipeLoss builds from torchrl's layout (docs/integrations/torchrl.md)
+TORCHRL_ENTRIES = {
+    "log_probs",
+    "old_log_probs",
+    "advantages",
+    "response_mask",
+    "ref_log_probs",
+    "rollout_log_probs",
+    "entropy",
+}
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_loss_and_gradients_equal_the_recipe(rollout, name):
+    """Every stock recipe: RecipeLoss equals recipe.loss on a response-only batch from a plain
+    forward pass. A recipe reading an entry torchrl's layout does not hold is refused, naming it."""
     recipe, adv_key = CASES[name]
     model, batch = rollout["model"], rollout["batch"]
+    missing = sorted(set(recipe.loss.required_keys) - TORCHRL_ENTRIES)
+    if missing:
+        with pytest.raises(
+            ValueError, match=re.escape(f"reads {missing}, which this trainer does not provide")
+        ):
+            RecipeLoss(_scorer(model, rollout["tokenizer"]), recipe)
+        return
     loss = RecipeLoss(_scorer(model, rollout["tokenizer"]), recipe)
     loss.set_keys(advantage=adv_key)
     out = loss(batch)

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from datasets import Dataset
@@ -92,7 +94,7 @@ def _reference_loss(recipe: gc.Recipe, model, batch) -> torch.Tensor:
         },
         batch_size=[log_probs.shape[0]],
     )
-    return recipe.loss(td)["loss"]
+    return recipe.loss(td)[recipe.loss.out_key("loss")]
 
 
 def _params(model) -> list[torch.Tensor]:
@@ -324,13 +326,14 @@ def test_kl_term_matches_trl(tmp_path, tiny_tokenizer, make_tiny_model, same_bat
     path = tmp_path / "tiny"
     make_tiny_model(0).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
-    settings = {"beta": 0.05, "use_bias_correction_kl": False, "loss_type": "grpo"}
+    settings = {"beta": 0.05, "use_bias_correction_kl": False}
+    trl_only = {"loss_type": "grpo"}  # the recipe decides the loss; setting it for ours would warn
     results = []
     for cls, kwargs in ((GRPOTrainer, {}), (RecipeGRPOTrainer, {"recipe": gc.grpo(kl_coef=0.05)})):
         tr = cls(
             model=str(path),
             reward_funcs=digit_reward,
-            args=_config(tmp_path / cls.__name__, **settings),
+            args=_config(tmp_path / cls.__name__, **settings, **(trl_only if cls is GRPOTrainer else {})),
             train_dataset=_dataset(),
             processing_class=tiny_tokenizer,
             **kwargs,
@@ -387,6 +390,47 @@ def test_recipe_advantages(tmp_path, tiny_tokenizer, make_tiny_model, keys):
     assert torch.equal(batch["advantages"][:G], torch.zeros(G))
 
 
+# TRL's batch holds these entries (ref_log_probs with beta > 0 and rollout_log_probs with vLLM: neither here)
+TRL_ENTRIES = {"log_probs", "old_log_probs", "advantages", "response_mask", "entropy"}
+
+
+@pytest.mark.parametrize("name", list(gc.RECIPES))
+def test_every_stock_recipe_runs(tmp_path, tiny_tokenizer, make_tiny_model, same_batch, name):
+    """Every stock recipe (gspo_components.RECIPES) in TRL's _compute_loss on the same off-policy
+    batch: the loss and gradients of recipe.loss on log-probs (and entropies) from a plain forward
+    pass. A recipe reading an entry TRL's batch does not hold is refused at construction, naming it."""
+    recipe = gc.RECIPES[name]()
+    needed = set(recipe.loss.required_keys)
+    if not needed <= TRL_ENTRIES:
+        with pytest.raises(ValueError, match=re.escape(f"reads {sorted(needed - TRL_ENTRIES)}")):
+            _trainer(RecipeGRPOTrainer, make_tiny_model(0), tiny_tokenizer, _config(tmp_path), recipe=recipe)
+        return
+    ours = _loss_and_grads(
+        RecipeGRPOTrainer, tmp_path, tiny_tokenizer, make_tiny_model, same_batch, {}, recipe=recipe
+    )
+    model = make_tiny_model(0)
+    ids = torch.cat([same_batch["prompt_ids"], same_batch["completion_ids"]], 1)
+    attention = torch.cat([same_batch["prompt_mask"], same_batch["completion_mask"]], 1)
+    t = same_batch["completion_ids"].shape[1]
+    logits = model(input_ids=ids, attention_mask=attention).logits.float()[:, -t - 1 : -1]
+    log_softmax = torch.log_softmax(logits, -1)
+    td = TensorDict(
+        {
+            "log_probs": log_softmax.gather(-1, same_batch["completion_ids"][..., None]).squeeze(-1),
+            "old_log_probs": same_batch["old_per_token_logps"],
+            "advantages": same_batch["advantages"],
+            "response_mask": same_batch["completion_mask"].bool(),
+            "entropy": -(log_softmax.exp() * log_softmax).sum(-1).detach(),
+        },
+        batch_size=[ids.shape[0]],
+    )
+    ref = recipe.loss(td)[recipe.loss.out_key("loss")]
+    expected = _grads(ref, model)
+    assert any(g.abs().sum() > 0 for g in expected)
+    torch.testing.assert_close(ours[0], ref.detach(), rtol=1e-5, atol=1e-6)
+    _assert_close(ours[1], expected, rtol=1e-4, atol=1e-6)
+
+
 def test_batch_mapping():
     b, t = 3, 5
     lp = torch.randn(b, t, requires_grad=True)
@@ -421,8 +465,8 @@ def test_configurations_without_exact_normalisers_are_refused(tmp_path, tiny_tok
         build(gradient_accumulation_steps=2, steps_per_generation=3)
     with pytest.raises(ValueError, match="beta"):
         build(recipe=gc.grpo(kl_coef=0.1))
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        build(top_entropy_quantile=0.5)
+    with pytest.raises(ValueError, match=r"delta=4\.0 change TRL's loss"):
+        build(delta=4.0)
     tr = _trainer(
         RecipeGRPOTrainer,
         make_tiny_model(0),
