@@ -1,4 +1,5 @@
-"""Registers every recipe with verl on import, as ``gspo_components/<recipe>``.
+"""Registers every stock recipe (``gspo_components.RECIPES``) that verl can feed with verl on import,
+as ``gspo_components/<name>`` (the others are listed in ``integrations.verl.UNSUPPORTED``).
 
 verl imports the modules of the ``verl.plugins`` entry-point group at ``import verl``, in every
 process, Ray workers included; this package declares this module there. Where plugins are turned
