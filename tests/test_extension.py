@@ -440,3 +440,11 @@ def test_the_docs_recipe_table_lists_exactly_the_registry() -> None:
     section = text.split("## The stock recipes", 1)[1].split("\n## ", 1)[0]
     names = [line.split("`")[1].removesuffix("()") for line in section.splitlines() if line.startswith("| `")]
     assert names == list(gc.RECIPES), "docs/recipes.md's table and gspo_components.RECIPES differ"
+
+
+def test_parts_that_need_one_advantage_per_response_say_so() -> None:
+    for key in ("gmpo", "vespo", "gtpo"):
+        assert gc.RECIPES[key]().loss.per_response_advantages, key
+        with pytest.raises(ValueError, match=r"needs one advantage per response \(\[N\]\)"):
+            gc.RECIPES[key](advantage=gc.PerTokenAdvantage())
+    assert not gc.grpo().loss.per_response_advantages

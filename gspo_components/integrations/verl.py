@@ -176,23 +176,9 @@ def _with_aggregation(loss: PolicyLoss, aggregation: str) -> PolicyLoss:
 
 
 def _takes_token_advantages(loss: PolicyLoss) -> bool:
-    """Whether ``loss`` accepts advantages [N, T], tried on a 1 × 2 batch: False when it refuses
-    them (ValueError) but runs on [N]."""
-    probe = {
-        loss.key("log_probs"): torch.tensor([[-1.0, -2.0]]),
-        loss.key("old_log_probs"): torch.tensor([[-1.1, -1.9]]),
-        loss.key("response_mask"): torch.tensor([[True, True]]),
-    }
-    with torch.no_grad():
-        try:
-            loss(TensorDict({**probe, loss.key("advantages"): torch.ones(1, 2)}, batch_size=[1]))
-            return True
-        except ValueError:
-            try:
-                loss(TensorDict({**probe, loss.key("advantages"): torch.ones(1)}, batch_size=[1]))
-            except ValueError:
-                return True  # refuses both: let the real call raise its own error
-            return False
+    """Whether ``loss`` accepts advantages [N, T]: False when a part declares that it needs one
+    per response (``per_response_advantages``, e.g. GMPO, VESPO)."""
+    return not getattr(loss, "per_response_advantages", False)
 
 
 def _row_mean(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,11 @@ class TokenFilter(KeyedModule):
     ``Filter``/``Mask`` suffix), and implement :meth:`keep`.
     """
 
+    per_response_advantages: bool = False
+    """True when the part needs one advantage per response ([N]) and refuses [N, T] (GMPO's
+    geometric mean, VESPO's sequence weight): a recipe refuses a per-token AdvantageEstimator with
+    it, and adapters whose trainer passes [N, T] give it each response's mean advantage."""
+
     uses_batch_statistics: bool = False
     """True when a response's loss depends on other responses of the call (a batch quantile, a
     batch covariance): then splitting a step into micro-batches changes the loss."""

@@ -160,6 +160,12 @@ class PolicyLoss(TensorDictModuleBase):
         )
 
     @property
+    def per_response_advantages(self) -> bool:
+        """Whether a part of the chain needs one advantage per response ([N], not [N, T])."""
+        parts = (*self.filters, self.clipper)
+        return any(getattr(p, "per_response_advantages", False) for p in parts)
+
+    @property
     def micro_batch_exact(self) -> bool:
         """Whether micro-batches with the step's normalisers reproduce the whole batch's loss and
         gradient exactly: False when a part computes statistics over the call's batch
@@ -308,6 +314,15 @@ class Recipe:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Recipe: 'name' must be a non-empty str, got {self.name!r}")
+        if getattr(self.advantage, "per_token", False) and getattr(
+            self.loss, "per_response_advantages", False
+        ):
+            parts = [*self.loss.filters, self.loss.clipper]
+            needs = [type(p).__name__ for p in parts if getattr(p, "per_response_advantages", False)]
+            raise ValueError(
+                f"Recipe {self.name!r}: {', '.join(needs)} needs one advantage per response ([N]), but "
+                f"the advantage part {type(self.advantage).__name__} gives advantages per token ([N, T])"
+            )
         level = getattr(getattr(self.loss, "weighter", None), "level", None)
         if level == "sequence" and getattr(self.advantage, "per_token", False):
             raise ValueError(

@@ -39,6 +39,8 @@ class GMPOClip(Clipper):
     Â > 0 and c ≥ −ε_low for Â < 0, so the clamp only bounds the unclipped side.
     """
 
+    per_response_advantages = True
+
     def __init__(
         self,
         eps_low: float = 0.4,

@@ -79,6 +79,8 @@ class GTPOConflictFilter(TokenFilter):
     """GTPO's conflict-token weights δ_{i,t} / n_i (module doc), [N, T] float ≥ 0. Reads
     ``response_ids`` [N, T] (integer), ``group_ids`` [N] (integer) and ``advantages`` [N]."""
 
+    per_response_advantages = True
+
     uses_batch_statistics = (
         True  # conflict tokens are found across the responses of a group: micro-batches give a different loss
     )
@@ -141,6 +143,8 @@ class GTPOConflictFilter(TokenFilter):
 class GTPOEntropyShaping(Clipper):
     """GTPO's loss with entropy control (module doc): −Â'_i exp(ρ − sg ρ) per token, [N, T];
     reads ``entropy`` [N, T]. ``clipped`` [N] marks the completions filtered out (H̄_i > threshold)."""
+
+    per_response_advantages = True
 
     inputs = ("entropy",)
 

@@ -78,6 +78,8 @@ class VESPOWeight(Clipper):
     token log-ratios (pair it with :class:`~gspo_components.TokenLogRatio`); advantages one per
     response [N]. Nothing is clipped (``clipped`` is all False)."""
 
+    per_response_advantages = True
+
     inputs = ("log_probs",)
 
     def __init__(
