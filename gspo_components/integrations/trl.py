@@ -96,7 +96,7 @@ _CANONICAL = (
 # TRL's batch holds the log-probs OPSM measures the drift from here: vLLM's when present, else π_old.
 _OPSM_KEY = "trl_opsm_sampling_log_probs"
 # GRPOConfig settings the recipe replaces: a non-default value is ignored, with a warning.
-_IGNORED = ("loss_type", "importance_sampling_level")
+_IGNORED = ("loss_type", "importance_sampling_level", "epsilon", "epsilon_high")
 
 
 def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
@@ -237,7 +237,7 @@ class RecipeGRPOTrainer(GRPOTrainer):
         *args, **kwargs: ``GRPOTrainer``'s arguments (model, reward_funcs, args, datasets, ...).
         recipe: the :class:`~gspo_components.Recipe` whose ``.loss`` replaces TRL's loss. TRL's
             ``loss_type``, ``importance_sampling_level``, ``epsilon`` and ``epsilon_high`` are then
-            unused (a non-default ``loss_type`` or ``importance_sampling_level`` warns).
+            unused: a value other than TRL's default warns, once per setting.
             ``GRPOConfig.beta`` must equal the recipe's ``kl_coef`` (TRL loads the reference model
             only when ``beta > 0``). ``top_entropy_quantile`` and ``off_policy_mask_threshold``
             add TopEntropyFilter / OPSMFilter to a copy of the recipe (``self.recipe``).

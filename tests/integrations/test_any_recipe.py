@@ -154,7 +154,13 @@ def test_user_recipe_trains_in_trl(tmp_path, tiny_tokenizer, make_tiny_model):
 
 
 @pytest.mark.parametrize(
-    ("setting", "value"), [("loss_type", "grpo"), ("importance_sampling_level", "sequence")]
+    ("setting", "value"),
+    [
+        ("loss_type", "grpo"),
+        ("importance_sampling_level", "sequence"),
+        ("epsilon", 0.3),
+        ("epsilon_high", 0.5),
+    ],
 )
 def test_trl_settings_the_recipe_replaces_warn_once(
     tmp_path, tiny_tokenizer, make_tiny_model, setting, value
