@@ -135,12 +135,15 @@ def linear_log_probs(
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"{where}: 'targets' must have shape {list(hidden.shape[:-1])} (hidden without its last "
-            f"dim), got {list(targets.shape)}"
+            f"dim), got {list(targets.shape)}; 'hidden' is {list(hidden.shape)}"
         )
     if bias is not None:
         bias = check_float(where, "bias", bias)
         if tuple(bias.shape) != (vocab,):
-            raise ValueError(f"{where}: 'bias' must have shape [V] = [{vocab}], got {list(bias.shape)}")
+            raise ValueError(
+                f"{where}: 'bias' must have shape [V] = [{vocab}], got {list(bias.shape)} "
+                f"(V from 'weight' {list(weight.shape)})"
+            )
     temperature = check_range(where, "temperature", temperature, 0.0, None, low_inclusive=False)
     backend = resolve_backend(backend, hidden.device)
     if hidden.dtype != weight.dtype:

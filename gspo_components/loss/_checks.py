@@ -61,7 +61,9 @@ def check_float(where: str, name: str, t: object) -> torch.Tensor:
     return t
 
 
-def check_mask(where: str, name: str, mask: object, shape: Sequence[int] | None = None) -> torch.Tensor:
+def check_mask(
+    where: str, name: str, mask: object, shape: Sequence[int] | None = None, like: str | None = None
+) -> torch.Tensor:
     """Return ``mask`` as a bool tensor.
 
     bool masks pass as they are; integer or floating masks (as verl and TRL produce) are
@@ -73,7 +75,9 @@ def check_mask(where: str, name: str, mask: object, shape: Sequence[int] | None 
         raise ValueError(f"{where}: '{name}' must have shape [N, T], got {_shape(mask)}")
     if shape is not None and tuple(mask.shape) != tuple(shape):
         raise ValueError(
-            f"{where}: '{name}' must have shape [{', '.join(map(str, shape))}], got {_shape(mask)}"
+            f"{where}: '{name}' must have shape [{', '.join(map(str, shape))}]"
+            + (f" like '{like}'" if like else "")
+            + f", got {_shape(mask)}"
         )
     if mask.dtype == torch.bool:
         return mask

@@ -82,7 +82,7 @@ def _prepare(
     if response_mask is None:
         mask = torch.ones(log_ratio.shape, dtype=torch.bool, device=log_ratio.device)
     else:
-        mask = check_mask(where, "response_mask", response_mask, log_ratio.shape)
+        mask = check_mask(where, "response_mask", response_mask, log_ratio.shape, like="log_ratio")
     advantages = check_advantages(where, "advantages", advantages, mask)
     dtype = compute_dtype(log_ratio, advantages)
     pad = Padding(mask)

@@ -69,7 +69,10 @@ def _check_tokens(
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or tuple(x.shape) not in shapes:
         got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         want = " or ".join(str(list(s)) for s in shapes)
-        raise ValueError(f"{where}: {name!r} must be a float tensor of shape {want}, got {got}")
+        raise ValueError(
+            f"{where}: {name!r} must be a float tensor of shape {want}, got {got} "
+            "(the shape follows 'response_mask')"
+        )
     return x
 
 

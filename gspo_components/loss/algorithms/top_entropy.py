@@ -67,7 +67,8 @@ class TopEntropyFilter(TokenFilter):
                 else type(entropy).__name__
             )
             raise ValueError(
-                f"TopEntropyFilter: 'entropy' must be a float tensor [N, T] = {list(mask.shape)}, got {got}"
+                f"TopEntropyFilter: 'entropy' must be a float tensor [N, T] = {list(mask.shape)}, got {got} "
+                "(the shape follows 'response_mask')"
             )
         dtype = torch.float64 if entropy.dtype == torch.float64 else torch.float32
         h = entropy.detach().to(dtype)
