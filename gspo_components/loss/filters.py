@@ -32,7 +32,7 @@ import re
 import torch
 from tensordict import TensorDictBase
 
-from ._checks import check_mask
+from ._checks import DeferredChecks, check_mask
 from ._module import KeyedModule, KeyOverrides
 from .numerics import Padding, count
 
@@ -102,10 +102,25 @@ class TokenFilter(KeyedModule):
             return torch.where(pad.lengths > 0, keep, 0.0)
         return pad.zero(keep)
 
+    def _check_finite(self, td: TensorDictBase, pad: Padding) -> None:
+        """Standalone (outside a PolicyLoss, whose weighter and clipper check the shared inputs):
+        float inputs of shape [N, T] or [N] must be finite at valid positions (validation on)."""
+        checks = DeferredChecks(type(self).__name__)
+        for name in self.inputs:
+            x = td.get(self.key(name), None)
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                continue  # keep() refuses it with its own message
+            if x.shape == pad.mask.shape:
+                checks.finite(f"'{name}' at valid positions (per-row sums)", pad.row_sum(x.detach()))
+            elif x.shape == pad.lengths.shape:
+                checks.finite(f"'{name}' of non-empty rows", torch.where(pad.lengths > 0, x.detach(), 0.0))
+        checks.run()
+
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         td = self._check_td(tensordict)
         mask = check_mask(type(self).__name__, "response_mask", self._read(td, "response_mask"))
         pad = Padding(mask)
+        self._check_finite(td, pad)
         weights = self._weights(td, pad, torch.float32)
         if weights.dim() == 1:
             weights = pad.broadcast(weights)
