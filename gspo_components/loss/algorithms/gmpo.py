@@ -15,6 +15,7 @@ This file is the worked example of docs/extending.md: it imports only public nam
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -51,8 +52,11 @@ class GMPOClip(Clipper):
     ) -> None:
         super().__init__(max_log_ratio=max_log_ratio, **keys)
         for arg, value in (("eps_low", eps_low), ("eps_high", eps_high)):
-            if not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"GMPOClip: {arg!r} must be a number > 0 (a log-space bound), got {value!r}")
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not value > 0:
+                raise ValueError(
+                    f"GMPOClip: {arg!r} must be a number > 0 and finite (a log-space bound), got {value!r}"
+                )
         self.eps_low, self.eps_high = float(eps_low), float(eps_high)
         self.params.update(eps_low=self.eps_low, eps_high=self.eps_high)
 

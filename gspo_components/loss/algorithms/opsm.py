@@ -21,6 +21,7 @@ is None, i.e. off), so ``delta`` is required.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -38,7 +39,10 @@ def _check_tokens(
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or tuple(x.shape) not in shapes:
         got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         want = " or ".join(str(list(s)) for s in shapes)
-        raise ValueError(f"{where}: {name!r} must be a float tensor of shape {want}, got {got}")
+        raise ValueError(
+            f"{where}: {name!r} must be a float tensor of shape {want}, got {got} "
+            "(the shape follows 'response_mask')"
+        )
     return x
 
 
@@ -55,9 +59,9 @@ class OPSMFilter(TokenFilter):
 
     def __init__(self, delta: float, **keys: Any) -> None:
         super().__init__(**keys)
-        if isinstance(delta, bool) or not isinstance(delta, int | float) or delta != delta:
+        if isinstance(delta, bool) or not isinstance(delta, int | float) or not math.isfinite(delta):
             raise ValueError(
-                f"OPSMFilter: 'delta' (δ, the mean-KL threshold) must be a real number, got {delta!r}"
+                f"OPSMFilter: 'delta' (δ, the mean-KL threshold) must be a finite real number, got {delta!r}"
             )
         self.delta = float(delta)
 
