@@ -41,6 +41,8 @@ def low_entropy_mask(entropy: torch.Tensor, padding: Padding, quantile: float = 
     interpolation, ``torch.nanquantile`` per row); False at padding. Entropies must be finite at
     valid positions (ValueError)."""
     h = padding.zero(entropy.detach())
+    if h.numel() == 0:  # N = 0 or T = 0: nothing to rank (the Objective refuses the empty batch)
+        return padding.mask.clone()
     if not bool(torch.isfinite(h).all()):
         raise ValueError("ASPOClip: 'entropy' must be finite at the valid positions of 'response_mask'")
     rows = torch.where(padding.mask, h, math.nan)
@@ -95,6 +97,13 @@ class ASPOClip(Clipper):
         log_probs: torch.Tensor,
         entropy: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        for key, x in (("log_probs", log_probs), ("entropy", entropy)):
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.shape != padding.mask.shape:
+                got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(
+                    f"{type(self).__name__}: {key!r} must be a float tensor of shape [N, T] = "
+                    f"{list(padding.mask.shape)} like 'response_mask', got {got}"
+                )
         adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
         dtype = log_ratio.dtype
         eps = torch.where(

@@ -104,6 +104,7 @@ class GTPOConflictFilter(TokenFilter):
         n, width = padding.mask.shape
         for key, value, shape in (("response_ids", response_ids, (n, width)), ("group_ids", group_ids, (n,))):
             if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype == torch.bool \
+                    or value.is_complex() \
                     or tuple(value.shape) != shape:  # fmt: skip
                 got = (
                     f"{value.dtype} {list(value.shape)}"
@@ -113,9 +114,15 @@ class GTPOConflictFilter(TokenFilter):
                 raise ValueError(
                     f"{where}: {key!r} must be an integer tensor of shape {list(shape)}, got {got}"
                 )
-        if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != (n,):
+        if (
+            not isinstance(advantages, torch.Tensor)
+            or not advantages.is_floating_point()
+            or tuple(advantages.shape) != (n,)
+        ):
             got = (
-                list(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+                f"{advantages.dtype} {list(advantages.shape)}"
+                if isinstance(advantages, torch.Tensor)
+                else type(advantages).__name__
             )
             raise ValueError(
                 f"{where}: 'advantages' must be one per response, shape [N] = [{n}], got {got}; GTPO's conflicts "
@@ -164,6 +171,20 @@ class GTPOEntropyShaping(Clipper):
             raise ValueError(
                 f"GTPOEntropyShaping: 'advantages' must be one per response, shape [N] = [{advantages.shape[0]}], "
                 f"got {list(advantages.shape)}"
+            )
+        if (
+            not isinstance(entropy, torch.Tensor)
+            or not entropy.is_floating_point()
+            or (entropy.shape != padding.mask.shape)
+        ):
+            got = (
+                f"{entropy.dtype} {list(entropy.shape)}"
+                if isinstance(entropy, torch.Tensor)
+                else type(entropy).__name__
+            )
+            raise ValueError(
+                f"GTPOEntropyShaping: 'entropy' must be a float tensor of shape [N, T] = "
+                f"{list(padding.mask.shape)} like 'response_mask', got {got}"
             )
         h = padding.zero(entropy.detach().to(log_ratio.dtype))
         if not bool(torch.isfinite(h).all()):
