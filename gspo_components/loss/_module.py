@@ -35,6 +35,11 @@ def _resolve(where: str, kind: str, names: Sequence[str], overrides: KeyOverride
         return resolved
     if isinstance(overrides, str):
         overrides = [overrides]
+    if not isinstance(overrides, Sequence):
+        raise ValueError(
+            f"{where}: {kind} must be a mapping {{entry: key}} or a sequence of keys, "
+            f"got {type(overrides).__name__} {overrides!r}"
+        )
     overrides = list(overrides)
     if len(overrides) != len(names):
         raise ValueError(
