@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._checks import check_choice, check_mask, check_positive_int
+from ._checks import DeferredChecks, check_choice, check_float, check_mask, check_positive_int
 
 __all__ = [
     "AGGREGATIONS",
@@ -161,11 +161,21 @@ def step_normalizers(
     where = "step_normalizers"
     if isinstance(micro_batches, torch.Tensor):
         masks = [micro_batches]
+    elif isinstance(micro_batches, str | bytes) or not isinstance(micro_batches, Iterable):
+        raise ValueError(
+            f"{where}: micro_batches must be a mask tensor or an iterable of masks or TensorDicts, "
+            f"got {type(micro_batches).__name__}"
+        )
     else:
         masks = []
         for mb in micro_batches:
             if isinstance(mb, torch.Tensor):
                 masks.append(mb)
+            elif not hasattr(mb, "get"):
+                raise ValueError(
+                    f"{where}: micro_batches must be a mask tensor or an iterable of masks or TensorDicts, "
+                    f"got an entry of type {type(mb).__name__}"
+                )
             else:
                 value = mb.get(mask_key, None)  # type: ignore[attr-defined]
                 if value is None:
@@ -203,9 +213,13 @@ def aggregate(
         raise ValueError(
             f"aggregate: normalizers must be a LossNormalizers, got {type(normalizers).__name__}"
         )
-    mask = check_mask("aggregate", "response_mask", response_mask, values.shape)
+    values = check_float("aggregate", "values", values)
+    mask = check_mask("aggregate", "response_mask", response_mask, values.shape, like="values")
     lengths = mask.sum(-1)
     row_sum = torch.where(mask, values, 0.0).sum(-1)
+    checks = DeferredChecks("aggregate")
+    checks.finite("'values' at valid positions (per-row sums)", row_sum.detach())
+    checks.run()
     n = normalizers
     if aggregation == "token-mean":
         total = row_sum.sum() / n.num_tokens

@@ -395,10 +395,14 @@ def loss_metrics(
     """
     where = "loss_metrics"
     mask = check_mask(where, "response_mask", response_mask)
+    if mask.numel() == 0:
+        raise ValueError(f"{where}: 'response_mask' is empty (shape {list(mask.shape)}); there are no tokens")
     if clipped is not None:
+        if not isinstance(clipped, torch.Tensor):
+            raise ValueError(f"{where}: 'clipped' must be a torch.Tensor, got {type(clipped).__name__}")
         if clipped.shape != mask.shape or clipped.dtype != torch.bool:
             raise ValueError(
-                f"{where}: 'clipped' must be a bool tensor of shape {list(mask.shape)}, "
+                f"{where}: 'clipped' must be a bool tensor of shape {list(mask.shape)} like 'response_mask', "
                 f"got {clipped.dtype} {list(clipped.shape)}"
             )
         clipped = clipped & mask
