@@ -6,9 +6,11 @@ else ``penalty``. E.g. ``FormatReward(r"<think>.*</think>\\s*<answer>.*</answer>
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
+from ...loss._checks import check_range
 from .base import RewardFn
 
 __all__ = ["FormatReward"]
@@ -30,10 +32,11 @@ class FormatReward(RewardFn):
         super().__init__(**kwargs)
         try:
             self.pattern = re.compile(pattern, flags)
-        except re.error as error:
+        except (re.error, TypeError) as error:
             raise ValueError(f"FormatReward: pattern {pattern!r} is not a valid regex: {error}") from None
         self.full_match = full_match
-        self.reward, self.penalty = float(reward), float(penalty)
+        self.reward = check_range("FormatReward", "reward", reward, -math.inf, None)
+        self.penalty = check_range("FormatReward", "penalty", penalty, -math.inf, None)
 
     def score(self, sample: dict[str, Any]) -> float:
         text = str(sample["response_text"])

@@ -19,8 +19,10 @@ an input whole: messages show at most 120 characters and the length.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
+from ...loss._checks import check_range
 from .base import RewardFn, preview
 
 __all__ = ["MathAnswerReward"]
@@ -69,7 +71,8 @@ class MathAnswerReward(RewardFn):
             if _NOTICE_FILTER not in log.filters:
                 log.addFilter(_NOTICE_FILTER)
         self._parse, self._verify = parse, verify
-        self.correct, self.incorrect = float(correct), float(incorrect)
+        self.correct = check_range("MathAnswerReward", "correct", correct, -math.inf, None)
+        self.incorrect = check_range("MathAnswerReward", "incorrect", incorrect, -math.inf, None)
         for name, value in (
             ("max_response_chars", max_response_chars),
             ("max_answer_chars", max_answer_chars),

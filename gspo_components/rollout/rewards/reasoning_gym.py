@@ -10,6 +10,7 @@ returns the dataset's score.
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,6 +24,8 @@ _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 def extract_tagged_answer(text: str) -> str:
     """The last ``<answer>…</answer>`` span, else the stripped text."""
+    if not isinstance(text, str):
+        raise ValueError(f"extract_tagged_answer: 'text' must be a str, got {type(text).__name__}")
     found = _ANSWER.findall(text)
     return (found[-1] if found else text).strip()
 
@@ -55,6 +58,11 @@ class ReasoningGymReward(RewardFn):
             import reasoning_gym  # optional dependency: the "rewards" extra
 
             dataset = reasoning_gym.create_dataset(dataset, size=size, seed=seed, **config)
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "score_answer")):
+            raise ValueError(
+                "ReasoningGymReward: 'dataset' must be a reasoning-gym dataset name or a dataset object "
+                f"(with __getitem__ and score_answer), got {type(dataset).__name__}"
+            )
         self.dataset = dataset
         self.extract = extract
 
@@ -62,6 +70,11 @@ class ReasoningGymReward(RewardFn):
         return len(self.dataset)
 
     def entry(self, index: int) -> dict[str, Any]:
+        # an integer (or an integral float, as a float column arrives); 1.5 would silently be entry 1
+        if isinstance(index, bool) or not isinstance(index, numbers.Real) or not float(index).is_integer():
+            raise ValueError(
+                f"ReasoningGymReward: 'data_index' must hold integer dataset indices, got {index!r}"
+            )
         return self.dataset[int(index)]
 
     def prompts(self, indices: Sequence[int]) -> list[str]:
