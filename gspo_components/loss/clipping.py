@@ -362,6 +362,10 @@ class Clipper(KeyedModule):
     mean; ``token_loss`` then holds [N].
     """
 
+    never_clips: bool = False
+    """True when the clipper never cuts a token's gradient (a soft weight, a penalty): its
+    ``clipped`` output is then ignored and the clip metrics are 0, without a pass over the batch."""
+
     per_response_advantages: bool = False
     """True when the part needs one advantage per response ([N]) and refuses [N, T] (GMPO's
     geometric mean, VESPO's sequence weight): a recipe refuses a per-token AdvantageEstimator with
@@ -456,6 +460,8 @@ class Clipper(KeyedModule):
         advantages, extra = self._inputs(td, pad)
         neg, clipped = self._call(log_ratio, advantages, pad, extra, checks)
         checks.run()
+        if self.never_clips:
+            clipped = torch.zeros(pad.lengths.shape, dtype=torch.bool, device=pad.mask.device)
         td.set(self._out_map["token_loss"], pad.zero(neg) if neg.dim() == 2 else neg)
         td.set(self._out_map["clipped"], clipped)
         return td
@@ -467,6 +473,9 @@ class Clipper(KeyedModule):
         C_high, exp(log_ratio)); the last two are None (the Objective derives them)."""
         advantages, extra = self._inputs(td, pad)
         neg, clipped = self._call(log_ratio, advantages, pad, extra, checks)
+        if self.never_clips:
+            clipped = torch.zeros(pad.lengths.shape, dtype=torch.bool, device=pad.mask.device)
+            return neg, clipped, clipped, None
         return neg, clipped, None, None
 
     def extra_repr(self) -> str:

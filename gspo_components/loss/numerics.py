@@ -137,6 +137,7 @@ class Padding:
         self.mask = mask
         self.lengths = count(mask, -1)
         self._bits: dict[torch.dtype, torch.Tensor] = {}
+        self._padding: dict[torch.dtype, torch.Tensor] = {}
 
     def bits(self, dtype: torch.dtype) -> torch.Tensor:
         if dtype not in self._bits:
@@ -144,8 +145,10 @@ class Padding:
         return self._bits[dtype]
 
     def padding(self, dtype: torch.dtype) -> torch.Tensor:
-        """The float indicator of padding, 1 − m, in ``dtype``."""
-        return (~self.mask).view(torch.uint8).to(dtype)
+        """The float indicator of padding, 1 − m, in ``dtype`` (computed once per dtype)."""
+        if dtype not in self._padding:
+            self._padding[dtype] = (~self.mask).view(torch.uint8).to(dtype)
+        return self._padding[dtype]
 
     def zero(self, x: torch.Tensor) -> torch.Tensor:
         """``where(mask, x, 0)`` exactly (value and gradient); ``x`` may broadcast to [N, T]."""

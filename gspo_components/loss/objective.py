@@ -570,6 +570,7 @@ class Objective(KeyedModule):
         ratio: torch.Tensor | None = None,
         *,
         loss_weights: torch.Tensor | None = None,
+        neg_masked: bool | None = None,
     ) -> TensorDictBase:
         """The loss and metrics from clean inputs: ``neg`` (−J) [N, T] (masked here) or [N] per
         row; ``clipped`` False at padding; ``log_ratio`` 0 at padding or [N]; ``is_weights`` 0 at
@@ -627,7 +628,8 @@ class Objective(KeyedModule):
             entropy,
             self.entropy_coef,
             norm,
-            neg_masked=clipped_high is not None,  # the one-pass chain's −J is 0 at padding
+            # a stock kernel's −J is 0 at padding (its advantages are); anything else is masked here
+            neg_masked=(clipped_high is not None) if neg_masked is None else neg_masked,
         )
         if checks.active:
             if entropy is not None:

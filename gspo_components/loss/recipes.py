@@ -291,6 +291,7 @@ class PolicyLoss(TensorDictModuleBase):
             high,
             ratio,
             loss_weights=loss_weights,
+            neg_masked=isinstance(self.clipper, _KernelClipper),  # a stock kernel's −J is 0 at padding
         )
         for name, value in metrics.items():
             out.set(name, value)

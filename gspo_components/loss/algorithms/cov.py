@@ -140,6 +140,8 @@ class KLCovPenalty(Clipper):
     fraction of the valid tokens by Cov. Reads ``log_probs``. Nothing is clipped (``clipped`` is
     all False)."""
 
+    never_clips = True
+
     uses_batch_statistics = (
         True  # the covariance is centred on batch means: micro-batches give a different loss
     )

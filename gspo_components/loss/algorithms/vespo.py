@@ -51,7 +51,7 @@ def vespo_weights(
     lr = log_ratio.detach()
     if token_bound is not None:
         lr = lr.clamp(-token_bound, token_bound)
-    log_w = padding.row_sum(lr).clamp(LOG_W_MIN, 20.0)
+    log_w = lr.sum(-1).clamp(LOG_W_MIN, 20.0)  # lr is 0 at padding (the clamp keeps 0 at 0)
     adv = advantages.detach()
     nonneg = adv >= 0
 
@@ -77,6 +77,8 @@ class VESPOWeight(Clipper):
     """VESPO's soft sequence weight: −J_{i,t} = −sg[φ(w_i)] Â_i ℓ_{i,t}. Reads ``log_probs`` and
     token log-ratios (pair it with :class:`~gspo_components.TokenLogRatio`); advantages one per
     response [N]. Nothing is clipped (``clipped`` is all False)."""
+
+    never_clips = True
 
     per_response_advantages = True
 
@@ -120,8 +122,9 @@ class VESPOWeight(Clipper):
             self.lambda_neg,
             self.max_log_ratio,
         )
-        log_probs = padding.zero(inputs["log_probs"].to(log_ratio.dtype))
-        never = torch.zeros(padding.mask.shape, dtype=torch.bool, device=log_ratio.device)
+        # the Objective cleans −J's padding (value and gradient), so log π needs no masking here
+        log_probs = inputs["log_probs"].to(log_ratio.dtype)
+        never = torch.zeros(padding.lengths.shape, dtype=torch.bool, device=log_ratio.device)
         return -(phi * advantages).unsqueeze(-1) * log_probs, never
 
 
