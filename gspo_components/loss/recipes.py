@@ -88,6 +88,18 @@ class PolicyLoss(TensorDictModuleBase):
         filters: Sequence[TokenFilter] = (),
     ) -> None:
         super().__init__()
+        for role, part, base in (
+            ("weighter", weighter, "ImportanceWeighter"),
+            ("clipper", clipper, "Clipper"),
+            ("objective", objective, "Objective"),
+            ("rollout_correction", rollout_correction, "RolloutCorrection"),
+        ):
+            if not isinstance(part, TensorDictModuleBase) and not (
+                role == "rollout_correction" and part is None
+            ):
+                raise ValueError(
+                    f"PolicyLoss: {role!r} must be a TensorDict module (a {base}), got {type(part).__name__}"
+                )
         self.weighter = weighter
         self.rollout_correction = rollout_correction
         self.clipper = clipper
@@ -315,6 +327,12 @@ class Recipe:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Recipe: 'name' must be a non-empty str, got {self.name!r}")
+        for role, part in (("advantage", self.advantage), ("loss", self.loss)):
+            if not isinstance(part, torch.nn.Module):
+                raise ValueError(
+                    f"Recipe {self.name!r}: {role!r} must be a module (an AdvantageEstimator, a PolicyLoss), "
+                    f"got {type(part).__name__}"
+                )
         if getattr(self.advantage, "per_token", False) and getattr(
             self.loss, "per_response_advantages", False
         ):
