@@ -35,6 +35,7 @@ from ._checks import compute_dtype
 __all__ = [
     "DEFAULT_MAX_LOG_RATIO",
     "Padding",
+    "check_token_input",
     "clamped_ratio",
     "clean_padding",
     "compute_dtype",
@@ -209,3 +210,20 @@ def clamped_ratio(log_ratio: torch.Tensor, bound: float | None = DEFAULT_MAX_LOG
     """w = exp(clamp(log w, −bound, bound)) with gradient w inside the band and exactly 0 outside
     it (``bound=None``: no clamp). Clean the padding of ``log_ratio`` first."""
     return clamped_exp(log_ratio, bound)[0]
+
+
+def check_token_input(
+    where: str, name: str, x: object, mask: torch.Tensor, *, per_row: bool = False
+) -> torch.Tensor:
+    """``x`` if it is a float tensor aligned with ``mask`` ([N, T], or [N] with ``per_row``), else a
+    ``ValueError`` naming ``where``, the entry ``name``, the shape expected and what came: the check
+    a part makes on an extra input it reads."""
+    shapes = [tuple(mask.shape)] + ([(mask.shape[0],)] if per_row else [])
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or tuple(x.shape) not in shapes:
+        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        want = " or ".join(str(list(s)) for s in shapes)
+        raise ValueError(
+            f"{where}: {name!r} must be a float tensor of shape {want}, got {got} "
+            "(the shape follows 'response_mask')"
+        )
+    return x

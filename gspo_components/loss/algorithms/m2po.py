@@ -39,26 +39,12 @@ from ..advantages import GroupNormalizedAdvantage
 from ..clipping import NoClip
 from ..filters import TokenFilter
 from ..importance import TokenLogRatio
-from ..numerics import Padding
+from ..numerics import Padding, check_token_input
 from ..recipes import Recipe, compose
 
 __all__ = ["M2POFilter", "m2po"]
 
 TOKEN_SETS = ("all", "trust_region")
-
-
-def _check_tokens(
-    where: str, name: str, x: object, mask: torch.Tensor, *, per_row: bool = False
-) -> torch.Tensor:
-    shapes = [tuple(mask.shape)] + ([(mask.shape[0],)] if per_row else [])
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or tuple(x.shape) not in shapes:
-        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        want = " or ".join(str(list(s)) for s in shapes)
-        raise ValueError(
-            f"{where}: {name!r} must be a float tensor of shape {want}, got {got} "
-            "(the shape follows 'response_mask')"
-        )
-    return x
 
 
 class M2POFilter(TokenFilter):
@@ -94,9 +80,9 @@ class M2POFilter(TokenFilter):
         advantages: torch.Tensor,
     ) -> torch.Tensor:
         where, mask = "M2POFilter", padding.mask
-        log_probs = _check_tokens(where, "log_probs", log_probs, mask)
-        old_log_probs = _check_tokens(where, "old_log_probs", old_log_probs, mask)
-        advantages = _check_tokens(where, "advantages", advantages, mask, per_row=True)
+        log_probs = check_token_input(where, "log_probs", log_probs, mask)
+        old_log_probs = check_token_input(where, "old_log_probs", old_log_probs, mask)
+        advantages = check_token_input(where, "advantages", advantages, mask, per_row=True)
         f64 = torch.float64
         log_ratio = padding.zero(log_probs.detach().to(f64) - old_log_probs.detach().to(f64))
         m2 = log_ratio.square()

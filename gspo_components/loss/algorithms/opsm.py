@@ -27,23 +27,9 @@ from typing import Any
 import torch
 
 from ..filters import TokenFilter
-from ..numerics import Padding
+from ..numerics import Padding, check_token_input
 
 __all__ = ["OPSMFilter"]
-
-
-def _check_tokens(
-    where: str, name: str, x: object, mask: torch.Tensor, *, per_row: bool = False
-) -> torch.Tensor:
-    shapes = [tuple(mask.shape)] + ([(mask.shape[0],)] if per_row else [])
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or tuple(x.shape) not in shapes:
-        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        want = " or ".join(str(list(s)) for s in shapes)
-        raise ValueError(
-            f"{where}: {name!r} must be a float tensor of shape {want}, got {got} "
-            "(the shape follows 'response_mask')"
-        )
-    return x
 
 
 class OPSMFilter(TokenFilter):
@@ -73,9 +59,9 @@ class OPSMFilter(TokenFilter):
         advantages: torch.Tensor,
     ) -> torch.Tensor:
         where, mask = "OPSMFilter", padding.mask
-        log_probs = _check_tokens(where, "log_probs", log_probs, mask)
-        old_log_probs = _check_tokens(where, "old_log_probs", old_log_probs, mask)
-        advantages = _check_tokens(where, "advantages", advantages, mask, per_row=True)
+        log_probs = check_token_input(where, "log_probs", log_probs, mask)
+        old_log_probs = check_token_input(where, "old_log_probs", old_log_probs, mask)
+        advantages = check_token_input(where, "advantages", advantages, mask, per_row=True)
         dtype = torch.float64 if torch.float64 in (log_probs.dtype, old_log_probs.dtype) else torch.float32
         kl = padding.zero(
             torch.nan_to_num(old_log_probs.detach().to(dtype) - log_probs.detach().to(dtype), nan=0.0)
