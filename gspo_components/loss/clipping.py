@@ -122,6 +122,8 @@ def _finish(
     _ratio: torch.Tensor,
     pad: Padding,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if clipped.dim() == 1:  # one flag per row (a clipper that never clips)
+        clipped = clipped.unsqueeze(-1)
     return pad.zero(neg_surrogate), clipped & pad.mask
 
 
@@ -312,7 +314,7 @@ def _sapo_kernel(
     tau = torch.where(adv > 0, _const(tau_pos, adv), _const(tau_neg, adv))
     gate = (4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0))
     neg = -(gate * adv)
-    never = torch.zeros(neg.shape, dtype=torch.bool, device=neg.device)
+    never = torch.zeros(neg.shape[:1], dtype=torch.bool, device=neg.device)  # per row: no metric pass
     return neg, never, never, raw
 
 
@@ -321,7 +323,7 @@ def _unclipped_kernel(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     ratio, raw = clamped_exp(log_ratio, max_log_ratio)
     neg = -(ratio * adv)
-    never = torch.zeros(neg.shape, dtype=torch.bool, device=neg.device)
+    never = torch.zeros(neg.shape[:1], dtype=torch.bool, device=neg.device)  # per row: no metric pass
     return neg, never, never, raw
 
 
