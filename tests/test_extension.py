@@ -448,3 +448,25 @@ def test_parts_that_need_one_advantage_per_response_say_so() -> None:
         with pytest.raises(ValueError, match=r"needs one advantage per response \(\[N\]\)"):
             gc.RECIPES[key](advantage=gc.PerTokenAdvantage())
     assert not gc.grpo().loss.per_response_advantages
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_metric_only_inputs_are_checked_at_valid_positions(bad: float) -> None:
+    """Before: a NaN entropy or log-ratio read only for metrics gave a silently NaN metric."""
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    values = torch.zeros(2, 3)
+    values[0, 2] = bad  # padding: inert
+    assert torch.isfinite(gc.loss_metrics(mask, entropy=values, log_ratio=values)["entropy"])
+    assert torch.isfinite(gc.objective_loss(torch.zeros(2, 3), mask, entropy=values)[1]["entropy"])
+    values[0, 1] = bad  # valid
+    with pytest.raises(ValueError, match="'entropy' at valid positions"):
+        gc.loss_metrics(mask, entropy=values)
+    with pytest.raises(ValueError, match="'log_ratio' at valid positions"):
+        gc.loss_metrics(mask, log_ratio=values)
+    with pytest.raises(ValueError, match="'entropy' at valid positions"):
+        gc.objective_loss(torch.zeros(2, 3), mask, entropy=values)
+    td = TensorDict(token_loss=torch.zeros(2, 3), response_mask=mask, log_ratio=values, batch_size=[2])
+    with pytest.raises(ValueError, match="'log_ratio' at valid positions"):
+        gc.Objective()(td)
+    with pytest.raises(ValueError, match=r"advantage_eps"):
+        gc.gmpo(advantage_eps=-1.0)

@@ -291,6 +291,13 @@ def batch_whitened_advantages(
     return _finish(where, stats, x / (std + eps_scaled))
 
 
+def _check_eps(where: str, eps: object) -> float:
+    try:
+        return check_range(where, "eps", eps, 0.0, None)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ValueError(f"{err} (a recipe passes its advantage_eps here)") from None
+
+
 class AdvantageEstimator(KeyedModule):
     """The AdvantageEstimator role: reads ``rewards`` [N], ``group_ids`` [N] (and ``reward_valid``
     [N] when present); writes ``advantages`` [N].
@@ -353,7 +360,7 @@ class GroupNormalizedAdvantage(_GroupAdvantageModule):
         self, eps: float = 1e-6, *, in_keys: KeyOverrides = None, out_keys: KeyOverrides = None
     ) -> None:
         super().__init__(in_keys, out_keys)
-        self.eps = check_range(type(self).__name__, "eps", eps, 0.0, None)
+        self.eps = _check_eps(type(self).__name__, eps)
 
     def _estimate(self, rewards, group_ids, valid):  # type: ignore[no-untyped-def]
         return group_normalized_advantages(rewards, group_ids, eps=self.eps, valid=valid)
@@ -388,7 +395,7 @@ class BatchWhitenedAdvantage(_GroupAdvantageModule):
         self, eps: float = 1e-6, *, in_keys: KeyOverrides = None, out_keys: KeyOverrides = None
     ) -> None:
         super().__init__(in_keys, out_keys)
-        self.eps = check_range(type(self).__name__, "eps", eps, 0.0, None)
+        self.eps = _check_eps(type(self).__name__, eps)
 
     def _estimate(self, rewards, group_ids, valid):  # type: ignore[no-untyped-def]
         return batch_whitened_advantages(rewards, group_ids, eps=self.eps, valid=valid)

@@ -275,6 +275,9 @@ def objective_loss(
         checks.finite(
             "the loss (from 'token_loss', 'is_weights', 'kl', 'entropy' at valid positions)", loss.detach()
         )
+        for name in ("kl", "entropy"):  # terms reported even when their coefficient is 0
+            if name in terms:
+                checks.finite(f"'{name}' at valid positions", terms[name].detach())
         checks.run()
     return loss, terms
 
@@ -418,6 +421,17 @@ def loss_metrics(
     kl = clean("kl", kl)
     entropy = clean("entropy", entropy)
     is_weights = clean("is_weights", is_weights)
+    checks = DeferredChecks(where)
+    if checks.active:
+        for name, t in (
+            ("log_ratio", log_ratio),
+            ("kl", kl),
+            ("entropy", entropy),
+            ("is_weights", is_weights),
+        ):
+            if t is not None:
+                checks.finite(f"'{name}' at valid positions (per-row sums)", t.sum(-1))
+        checks.run()
     return _metrics(
         pad,
         log_ratio=log_ratio,
@@ -502,9 +516,12 @@ class Objective(KeyedModule):
         dtype = compute_dtype(token_loss)
         log_ratio = self._read_optional(td, "log_ratio")
         pad = Padding(mask)
+        checks = DeferredChecks(where)
         if log_ratio is not None:
             log_ratio = check_token_tensor(where, "log_ratio", log_ratio, "response_mask", mask)
             log_ratio = pad.zero(log_ratio.detach().to(compute_dtype(log_ratio)))
+            if checks.active:
+                checks.finite("'log_ratio' at valid positions (per-row sums)", log_ratio.sum(-1))
         clipped = self._read_optional(td, "clipped")
         if clipped is not None:
             if (
@@ -522,7 +539,6 @@ class Objective(KeyedModule):
         loss_weights = self._read_optional(td, "loss_weights")
         if loss_weights is not None:
             loss_weights = self._clean_weights("loss_weights", loss_weights, pad, dtype)
-        checks = DeferredChecks(where)
         return self._compute(
             td,
             pad,
