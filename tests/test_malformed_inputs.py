@@ -1128,9 +1128,6 @@ EXTRA_SPECS: dict[str, Spec] = {
 # The fused head computes log-probs from whatever its inputs hold: NaN in gives NaN out (a −inf
 # bias bans a token, by design); the loss refuses non-finite valid log-probs downstream.
 EXTRA_SPECS["fused.linear_log_probs"].non_finite_passes = ("hidden", "weight", "bias")
-# Reported (rollout/scoring.py is outside this change): N = 0 reaches the model's forward, which
-# fails with a RuntimeError from its reshape instead of a ValueError naming the empty batch.
-EXTRA_SPECS["rollout.scoring.response_log_probs"].empty_n = False
 _RG: list[object] = []
 
 

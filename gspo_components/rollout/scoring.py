@@ -192,6 +192,11 @@ def _check_inputs(
             f"{where}: {names['prompt_ids']!r} has {prompt_ids.shape[0]} rows but "
             f"{names['response_ids']!r} has {response_ids.shape[0]}"
         )
+    if prompt_ids.shape[0] == 0 or prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+        raise ValueError(
+            f"{where}: {names['prompt_ids']!r} must be [N, P] with N >= 1 and P >= 1, got "
+            f"{list(prompt_ids.shape)}; there is nothing to score"
+        )
     if bool((prompt_mask.sum(-1) == 0).any()):
         raise ValueError(
             f"{where}: every row needs at least one prompt token ({names['prompt_mask']!r} has an empty row)"
