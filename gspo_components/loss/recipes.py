@@ -62,15 +62,17 @@ __all__ = [
 
 
 class PolicyLoss(TensorDictModuleBase):
-    """weighter → [rollout correction] → clipper → objective, as one TensorDict module.
+    """weighter → [rollout correction] → [filters] → clipper → objective, as one TensorDict module.
 
     It works on a shallow copy of the input, so the caller's TensorDict is not modified, and
-    returns the Objective's output: a new TensorDict of batch size ``[]`` with ``loss`` and the
-    metrics. ``forward(td, normalizers=...)`` passes the step's normalisers to the Objective.
+    returns the Objective's output: a new TensorDict of batch size ``[]`` with ``loss``, the
+    metrics and each filter's ``filtered_<name>``. ``forward(td, normalizers=..., is_weights=...)``
+    passes the step's normalisers to the Objective and takes rollout-correction weights computed
+    outside the chain.
 
-    **One pass.** When every part is a stock part (not a subclass overriding ``forward``) and
-    each intermediate key (``log_ratio``, ``is_weights``, ``token_loss``, ``clipped``) is read only
-    by the part after the one that writes it, the chain runs as one pass: the inputs are validated
+    **One pass.** When every part builds on a role base without overriding ``forward`` (user
+    parts included) and each intermediate key (``log_ratio``, ``is_weights``, ``token_loss``,
+    ``clipped``) is read only by the part after the one that writes it, the chain runs as one pass: the inputs are validated
     and their padding cleaned once, a sequence-level ratio stays one number per row ([N]) through
     the clipper and the aggregation, the metrics reuse the loss's tensors, and every value check
     is resolved with one host synchronisation (none with validation off). The result, values and
