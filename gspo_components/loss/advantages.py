@@ -327,14 +327,9 @@ class AdvantageEstimator(KeyedModule):
         """Â [N] from the raw ``rewards`` [N], ``group_ids`` [N] and the optional ``valid`` mask [N]."""
         raise NotImplementedError(f"{type(self).__name__} must implement estimate(rewards, group_ids, valid)")
 
-    def _estimate(
-        self, rewards: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor | None
-    ) -> torch.Tensor:
-        return self.estimate(rewards, group_ids, valid)
-
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         td = self._check_td(tensordict)
-        adv = self._estimate(
+        adv = self.estimate(
             self._read(td, "rewards"), self._read(td, "group_ids"), self._read_optional(td, "reward_valid")
         )
         td.set(self._out_map["advantages"], adv)
@@ -362,7 +357,9 @@ class GroupNormalizedAdvantage(_GroupAdvantageModule):
         super().__init__(in_keys, out_keys)
         self.eps = _check_eps(type(self).__name__, eps)
 
-    def _estimate(self, rewards, group_ids, valid):  # type: ignore[no-untyped-def]
+    def estimate(
+        self, rewards: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
         return group_normalized_advantages(rewards, group_ids, eps=self.eps, valid=valid)
 
     def extra_repr(self) -> str:
@@ -382,7 +379,9 @@ class LeaveOneOutAdvantage(_GroupAdvantageModule):
     def __init__(self, *, in_keys: KeyOverrides = None, out_keys: KeyOverrides = None) -> None:
         super().__init__(in_keys, out_keys)
 
-    def _estimate(self, rewards, group_ids, valid):  # type: ignore[no-untyped-def]
+    def estimate(
+        self, rewards: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
         return leave_one_out_advantages(rewards, group_ids, valid=valid)
 
 
@@ -397,7 +396,9 @@ class BatchWhitenedAdvantage(_GroupAdvantageModule):
         super().__init__(in_keys, out_keys)
         self.eps = _check_eps(type(self).__name__, eps)
 
-    def _estimate(self, rewards, group_ids, valid):  # type: ignore[no-untyped-def]
+    def estimate(
+        self, rewards: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
         return batch_whitened_advantages(rewards, group_ids, eps=self.eps, valid=valid)
 
     def extra_repr(self) -> str:

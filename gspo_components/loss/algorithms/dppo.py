@@ -41,7 +41,7 @@ from ..advantages import GroupNormalizedAdvantage
 from ..clipping import CISPOClip
 from ..filters import TokenFilter
 from ..importance import TokenLogRatio
-from ..numerics import Padding, check_token_input
+from ..numerics import Padding, check_token_input, compute_dtype
 from ..recipes import Recipe, compose
 
 __all__ = ["DPPOFilter", "dppo"]
@@ -94,7 +94,7 @@ class DPPOFilter(TokenFilter):
         log_probs = check_token_input(where, "log_probs", log_probs, mask)
         old_log_probs = check_token_input(where, "old_log_probs", old_log_probs, mask)
         advantages = check_token_input(where, "advantages", advantages, mask, per_row=True)
-        dtype = torch.float64 if torch.float64 in (log_probs.dtype, old_log_probs.dtype) else torch.float32
+        dtype = compute_dtype(log_probs, old_log_probs)
         logp = padding.zero(log_probs.detach().to(dtype))
         old = padding.zero(old_log_probs.detach().to(dtype))
         adv = advantages.detach().to(dtype)

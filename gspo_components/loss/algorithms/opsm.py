@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..filters import TokenFilter
-from ..numerics import Padding, check_token_input
+from ..numerics import Padding, check_token_input, compute_dtype
 
 __all__ = ["OPSMFilter"]
 
@@ -62,7 +62,7 @@ class OPSMFilter(TokenFilter):
         log_probs = check_token_input(where, "log_probs", log_probs, mask)
         old_log_probs = check_token_input(where, "old_log_probs", old_log_probs, mask)
         advantages = check_token_input(where, "advantages", advantages, mask, per_row=True)
-        dtype = torch.float64 if torch.float64 in (log_probs.dtype, old_log_probs.dtype) else torch.float32
+        dtype = compute_dtype(log_probs, old_log_probs)
         kl = padding.zero(
             torch.nan_to_num(old_log_probs.detach().to(dtype) - log_probs.detach().to(dtype), nan=0.0)
         )

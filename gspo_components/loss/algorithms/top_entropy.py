@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..filters import TokenFilter
-from ..numerics import Padding
+from ..numerics import Padding, compute_dtype
 
 __all__ = ["TopEntropyFilter"]
 
@@ -70,7 +70,7 @@ class TopEntropyFilter(TokenFilter):
                 f"TopEntropyFilter: 'entropy' must be a float tensor [N, T] = {list(mask.shape)}, got {got} "
                 "(the shape follows 'response_mask')"
             )
-        dtype = torch.float64 if entropy.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(entropy)
         h = entropy.detach().to(dtype)
         # Padding → +inf sorts after every valid entropy: the first n sorted values are the valid ones.
         ordered = torch.where(mask, h, torch.inf).flatten().sort().values
